@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["managertower*", "pretrain*", "finetune*", "dataprep*", "cluster*"]),
     package_data={
-        "managertower": ["model/assets/*"],
+        "managertower": ["model/assets/*/*"],
         "pretrain": ["configs/*.yaml"],
         "finetune": ["configs/*.yaml", "jobs/*.yaml"],
         "cluster": ["slurm/*.sbatch", "*.sh"],

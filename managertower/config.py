@@ -1,0 +1,379 @@
+"""Typed configuration: dataclasses that document and check themselves.
+
+A recipe is a YAML file whose top-level sections match `Config`'s fields; `key=value` overrides use dotted
+keys (`train.steps=10`, `model.manager=saue`). Every value is checked when the config is built, so a wrong
+value fails in a second, before DeepSpeed, DALI or a model is started. An unknown key is an error that lists
+the close matches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem in a recipe or an override; the message names the key and the fix."""
+
+
+MANAGER_KINDS = ("meter", "bridgetower", "sae", "saue", "aaue", "aaue_fused", "concat_attention", "cross_attention")
+LAYER_NORM_BACKENDS = ("auto", "torch", "apex")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """The tower. `size` fills the expert shapes; every field below can still be overridden."""
+
+    size: str = "tiny"  # "base" (the paper: RoBERTa-base + CLIP ViT-B/16) or "tiny" (tests and the demo)
+    # Text expert: a local Hugging Face model directory (AutoModel loads it: RoBERTa, BERT, ...). None builds
+    # the size's architecture with random weights (tests, FLOP counting).
+    text_expert: str | None = None
+    tokenizer: str | None = None  # defaults to text_expert's own; tiny uses the bundled word-piece vocab
+    text_config: dict = field(default_factory=dict)  # overrides of the random-init text architecture
+    # Vision expert: an open_clip model name; `vision_checkpoint` a local open_clip checkpoint file.
+    vision_expert: str = "ViT-B-16-quickgelu"
+    vision_checkpoint: str | None = None
+    vision_config: dict = field(default_factory=dict)  # open_clip vision_cfg overrides (tiny)
+    hidden_size: int = 768
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_layers: int = 6  # L_C
+    num_experts: int = 6  # N: the top N layers of each expert feed the managers
+    manager: str = "aaue_fused"
+    manager_weights: str = "vector"  # SAUE / SAE logits: "vector" (N x D) or "scalar" (N x 1)
+    manager_mask_padding: bool = False  # the released code attends to padded text in the fused query
+    image_size: int = 288
+    max_text_len: int = 50
+    dropout: float = 0.1
+    layer_norm: str = "auto"  # auto: Apex fused LayerNorm on CUDA where Apex imports, else torch
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("model.size", self.size, ("base", "tiny"))
+        _check_choice("model.manager", self.manager, MANAGER_KINDS)
+        _check_choice("model.manager_weights", self.manager_weights, ("vector", "scalar"))
+        _check_choice("model.layer_norm", self.layer_norm, LAYER_NORM_BACKENDS)
+        for name in ("hidden_size", "num_heads", "intermediate_size", "cross_layers", "num_experts",
+                     "image_size", "max_text_len"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                              f"model.num_heads={self.num_heads}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.manager == "bridgetower" and self.num_experts < self.cross_layers:
+            raise ConfigError(f"model.manager=bridgetower feeds uni-modal layer L-N+l to cross-modal layer l, so "
+                              f"model.num_experts ({self.num_experts}) must be >= model.cross_layers "
+                              f"({self.cross_layers})")
+        for path_key in ("text_expert", "tokenizer", "vision_checkpoint"):
+            path = getattr(self, path_key)
+            if path is not None and not os.path.exists(os.path.expanduser(path)):
+                raise ConfigError(f"model.{path_key}={path!r} does not exist: weights always come from a local "
+                                  "path (a Hugging Face model folder for text, an open_clip checkpoint file "
+                                  "for vision)")
+
+
+def model_preset(size: str) -> dict:
+    """The non-default fields of a size preset (applied before the recipe's own model values)."""
+    if size == "base":
+        return {}
+    if size == "tiny":
+        return dict(vision_expert="tiny", hidden_size=64, num_heads=2, intermediate_size=128, cross_layers=2,
+                    num_experts=2, image_size=64, max_text_len=24)
+    raise ConfigError(f"model.size={size!r} is not one of base, tiny")
+
+
+@dataclass
+class DataConfig:
+    """Input pipeline. Shards come from `python -m dataprep`."""
+
+    train_shards: list = field(default_factory=list)  # folders, globs or brace ranges; one entry per dataset
+    weights: list = field(default_factory=list)  # mixing weights, one per train_shards entry (default equal)
+    val_shards: list = field(default_factory=list)
+    loader: str = "dali"  # "dali" (GPU "mixed" decoding on CUDA, CPU otherwise) or "webdataset" (PIL)
+    per_caption: bool = True  # iterate over pairs (the paper's 9M) or one random caption per image
+    mlm_probability: float = 0.15
+    itm_negative_fraction: float = 0.5
+    num_threads: int = 2  # decoding threads (DALI) / worker processes (webdataset) per rank
+    shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.01  # corrupt samples tolerated before the run stops
+    hard_negative_eval: bool = True  # synthetic data: also report ITM against one-attribute hard negatives
+
+    def __post_init__(self) -> None:
+        _check_choice("data.loader", self.loader, ("dali", "webdataset"))
+        if isinstance(self.train_shards, str):
+            self.train_shards = [self.train_shards]
+        if isinstance(self.val_shards, str):
+            self.val_shards = [self.val_shards]
+        if self.weights and len(self.weights) != len(self.train_shards):
+            raise ConfigError(f"data.weights has {len(self.weights)} entries but data.train_shards has "
+                              f"{len(self.train_shards)}: give one weight per dataset")
+        if any(w < 0 for w in self.weights):
+            raise ConfigError(f"data.weights must be >= 0, got {self.weights}")
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if not 0 <= self.itm_negative_fraction <= 1:
+            raise ConfigError(f"data.itm_negative_fraction must be in [0, 1], got {self.itm_negative_fraction}")
+        _check_positive("data.num_threads", self.num_threads)
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. global_batch = micro_batch x grad_accum x world_size (grad_accum is solved)."""
+
+    steps: int = 100_000
+    global_batch: int = 4096
+    micro_batch: int = 8
+    lr: float = 1e-5
+    head_lr_mult: float = 5.0  # projections, cross-modal layers, poolers, managers and heads
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup: float = 0.1  # fraction of steps (< 1) or a number of steps (>= 1)
+    min_lr_ratio: float = 0.0  # linear decay to lr * min_lr_ratio
+    grad_clip: float = 0.0  # 0 disables
+    precision: str = "bf16"  # on GPUs; the CPU always runs fp32
+    zero_stage: int = 2
+    ds_config: str | None = None  # a ds_configs/*.json; None picks ds_configs/zero{stage}_{precision}.json
+    optimizer: str = "auto"  # auto: DeepSpeed's fused Adam(W) on GPUs, torch AdamW on the CPU
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch", "micro_batch", "lr", "log_every"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _check_choice("train.optimizer", self.optimizer, ("auto", "torch_adamw", "deepspeed_adam"))
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        _check_positive("train.warmup", self.warmup, allow_zero=True)
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(f"train.global_batch={self.global_batch} is not a multiple of "
+                              f"train.micro_batch={self.micro_batch}")
+        if self.ds_config is not None and not os.path.exists(self.ds_config):
+            raise ConfigError(f"train.ds_config={self.ds_config!r} does not exist (see ds_configs/)")
+
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
+
+    def grad_accum(self, world_size: int) -> int:
+        """Accumulation steps for this world size; an impossible split is a clear error."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch={self.global_batch} is not divisible by micro_batch x world_size = "
+                f"{self.micro_batch} x {world_size} = {per_step}; change train.micro_batch or the number of "
+                "ranks so that the product divides the global batch")
+        return self.global_batch // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps; a final checkpoint is always written
+    keep: int = 3  # the newest M complete checkpoints are kept
+    resume: str = "auto"  # auto: newest complete checkpoint under run.dir, if any; "none"; or a path
+    init_from: str | None = None  # weights only (fine-tuning): a DeepSpeed folder or an exported .pt
+
+    def __post_init__(self) -> None:
+        _check_positive("checkpoint.every", self.every)
+        _check_positive("checkpoint.keep", self.keep)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/pretrain"
+    name: str = ""
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TaskConfig:
+    """Fine-tuning task settings (SPEC §3). `name` picks the dataset, head and objective."""
+
+    name: str = "pretrain"
+    train_shards: list = field(default_factory=list)
+    eval_shards: list = field(default_factory=list)
+    eval_split: str = "val"
+    epochs: float = 0  # > 0: steps are derived from the dataset size
+    num_classes: int = 0  # 0: taken from the data (VQA answer vocabulary)
+    answer_vocab: str | None = None
+    augment: bool = True
+    retrieval_topk: int = 128
+    itc_dim: int = 256
+
+    def __post_init__(self) -> None:
+        _check_choice("task.name", self.name, ("pretrain", "vqav2", "nlvr2", "snli_ve", "flickr30k", "coco"))
+        for key in ("train_shards", "eval_shards"):
+            if isinstance(getattr(self, key), str):
+                setattr(self, key, [getattr(self, key)])
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as handle:
+            yaml.safe_dump(_plain(self.to_dict()), handle, sort_keys=False)
+        os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        hint = get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _parse_value(text: str) -> Any:
+    """`key=value` values are YAML scalars or lists: 10, 1e-5, true, null, [a, b], a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `--print-keys` lists them all"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _merge(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise _unknown_key(dotted)
+    node[parts[-1]] = value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in names:
+            raise _unknown_key(prefix + key)
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a section of keys, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, hint, value)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - _unknown_key catches the usual cause first
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Accept ints for floats and scalars for lists; reject everything else with the key's name."""
+    origin = get_origin(hint)
+    allowed = get_args(hint) if origin is not None and origin not in (list, tuple, dict) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        base = get_origin(kind) or kind
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is str and isinstance(value, str):
+            return value
+        if base in (list, tuple) and isinstance(value, (list, tuple)):
+            return base(value)
+        if base is list and isinstance(value, str):
+            return [value]
+        if base is dict and isinstance(value, dict):
+            return value
+    if float in allowed and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    readable = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"{name}={value!r} should be {readable}")
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Build a Config from a YAML recipe, then dotted `key=value` overrides, checking everything."""
+    tree: dict = json.loads(json.dumps(base or {}))
+    if recipe is not None:
+        if not os.path.exists(recipe):
+            raise ConfigError(f"recipe {recipe!r} does not exist (see pretrain/configs/ and finetune/configs/)")
+        with open(recipe) as handle:
+            try:
+                loaded = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"recipe {recipe} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {recipe} must be a mapping of sections (model:, data:, train:, ...)")
+        for section, values in loaded.items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    _merge(tree, f"{section}.{key}", value)
+            else:
+                _merge(tree, section, values)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=10)")
+        key, _, text = item.partition("=")
+        _merge(tree, key.strip(), _parse_value(text))
+    # The size preset fills model fields the recipe and overrides leave unset.
+    model_values = tree.setdefault("model", {})
+    size = model_values.get("size", ModelConfig.size)
+    for key, value in model_preset(size).items():
+        model_values.setdefault(key, value)
+    return _build(Config, tree)

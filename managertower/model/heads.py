@@ -1,0 +1,70 @@
+"""Task heads: MLM, ITM, the fine-tuning classifiers and the ITC projections (SPEC §2-3)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer_norm import LayerNorm
+
+
+class MLMHead(nn.Module):
+    """Linear(D,D) -> GELU -> LN(1e-12) -> Linear(D, vocab); not tied to the word embeddings.
+
+    `forward(hidden, labels)` decodes only the masked positions (labels != -100): the vocabulary projection is
+    the largest matrix of the step, and the other 85% of the tokens never reach the loss.
+    """
+
+    def __init__(self, dim: int, vocab_size: int, norm: type[LayerNorm] = LayerNorm):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.norm = norm(dim, eps=1e-12)
+        self.decoder = nn.Linear(dim, vocab_size)
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is not None:
+            picked = labels != -100
+            hidden, labels = hidden[picked], labels[picked]
+        logits = self.decoder(self.norm(F.gelu(self.dense(hidden))))
+        return logits, labels
+
+
+class ITMHead(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(2 * dim, 2)
+
+    def forward(self, cls_feats: torch.Tensor) -> torch.Tensor:
+        return self.fc(cls_feats)
+
+
+class ClassifierHead(nn.Module):
+    """Linear -> LayerNorm -> GELU -> Linear (VQAv2: 2D->4D->3129, SNLI-VE: 2D->4D->3, NLVR2: 4D->2D->2)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, num_classes: int, norm: type[LayerNorm] = LayerNorm):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.norm = norm(hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.norm(self.fc1(x))))
+
+
+class ITCHead(nn.Module):
+    """Projections of the raw uni-modal class features to a shared space, L2-normalised, with a learnable
+    temperature initialised at 0.07 and clamped to [0.001, 0.5]."""
+
+    def __init__(self, text_dim: int, image_dim: int, dim: int = 256, temperature: float = 0.07):
+        super().__init__()
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.image_proj = nn.Linear(image_dim, dim)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(0.001, 0.5)
+
+    def forward(self, text_cls: torch.Tensor, image_cls: torch.Tensor):
+        return (F.normalize(self.text_proj(text_cls), dim=-1), F.normalize(self.image_proj(image_cls), dim=-1))

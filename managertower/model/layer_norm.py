@@ -1,0 +1,63 @@
+"""LayerNorm with a run-time backend: torch, or Apex's fused kernel where Apex is installed.
+
+The module keeps `weight`/`bias` exactly as `torch.nn.LayerNorm` does, so checkpoints move freely between
+backends. Apex is used only for CUDA tensors (its kernel has no CPU path); everything else falls back to
+`torch.nn.functional.layer_norm`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ApexMissingError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def _apex_layer_norm():
+    try:
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine  # type: ignore
+    except Exception:  # apex absent, or PyPI's unrelated `apex` package
+        return None
+    return fused_layer_norm_affine
+
+
+def apex_available() -> bool:
+    return _apex_layer_norm() is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'apex' when Apex imports and CUDA is present, else 'torch'. 'apex' without Apex is an error."""
+    if backend == "torch":
+        return "torch"
+    if backend == "apex":
+        if not apex_available():
+            raise ApexMissingError(
+                "model.layer_norm=apex, but NVIDIA Apex is not installed (`pip install apex` on PyPI is an "
+                "unrelated package). Build it from NVIDIA's apex repository with --cuda_ext, or set "
+                "model.layer_norm=auto (or torch) to use torch's LayerNorm.")
+        return "apex"
+    if backend == "auto":
+        return "apex" if apex_available() and torch.cuda.is_available() else "torch"
+    raise ValueError(f"unknown layer_norm backend {backend!r}: use auto, torch or apex")
+
+
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` that runs Apex's fused kernel on CUDA tensors when the backend is 'apex'."""
+
+    backend: str = "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "apex" and x.is_cuda:
+            return _apex_layer_norm()(x, self.weight, self.bias, self.normalized_shape, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def layer_norm_class(backend: str) -> type[LayerNorm]:
+    """A LayerNorm class bound to a resolved backend (layers take classes, not strings)."""
+    resolved = resolve_backend(backend)
+    return type(f"LayerNorm_{resolved}", (LayerNorm,), {"backend": resolved})
