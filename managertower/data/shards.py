@@ -243,3 +243,80 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
 
 def record_dict(record: ShardRecord) -> dict:
     return asdict(record)
+
+
+REQUIRED_META_KEYS = ("key", "source", "split", "image_id", "width", "height", "captions")
+
+
+def verify_shard(tar_path: str | os.PathLike, expected: ShardRecord | dict | None = None,
+                 decode: bool = True) -> list[str]:
+    """Problems found in one shard (an empty list when it is sound).
+
+    Checks the DALI index against the tar byte for byte (offsets, sizes, member names), that every sample
+    has its image and metadata, that the metadata parses and holds the required keys, that every image
+    decodes as an RGB JPEG (`decode=True`), and, given the manifest's record, the sha256 and sample count.
+    """
+    from PIL import Image  # only verification decodes; writing shards never needs PIL here
+
+    tar_path = str(tar_path)
+    name = os.path.basename(tar_path)
+    if not os.path.exists(tar_path):
+        return [f"{name}: missing"]
+    expected = asdict(expected) if isinstance(expected, ShardRecord) else expected
+    problems: list[str] = []
+    if expected is not None and sha256_file(tar_path) != expected.get("sha256"):
+        problems.append(f"{name}: sha256 differs from the manifest (the shard was modified or truncated)")
+    try:
+        index = read_index(index_path_for(tar_path))
+    except FileNotFoundError:
+        return problems + [f"{name}: DALI index {os.path.basename(index_path_for(tar_path))} is missing"]
+    except ValueError as error:
+        return problems + [f"{name}: {error}"]
+    try:
+        with tarfile.open(tar_path, "r") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            by_key: dict[str, dict[str, tarfile.TarInfo]] = {}
+            order: list[str] = []
+            for member in members:
+                key, _, ext = os.path.basename(member.name).partition(".")
+                if key not in by_key:
+                    by_key[key] = {}
+                    order.append(key)
+                by_key[key][ext] = member
+            if len(order) != len(index):
+                problems.append(f"{name}: index lists {len(index)} samples, the tar holds {len(order)}")
+            if expected is not None and expected.get("samples") != len(order):
+                problems.append(f"{name}: manifest says {expected.get('samples')} samples, the tar holds {len(order)}")
+            for key, entry in zip(order, index):
+                sample = by_key[key]
+                for ext, (offset, size) in entry.items():
+                    member = sample.get(ext)
+                    if member is None or member.offset_data != offset or member.size != size:
+                        problems.append(f"{name}: index entry {key}.{ext} does not match the tar")
+                if PRIMARY_IMAGE not in sample or META not in sample:
+                    problems.append(f"{name}: sample {key} lacks its .{PRIMARY_IMAGE} or .{META} member")
+                    continue
+                try:
+                    meta = json.loads(tar.extractfile(sample[META]).read())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    problems.append(f"{name}: {key}.json is not valid JSON")
+                    continue
+                missing = [k for k in REQUIRED_META_KEYS if k not in meta]
+                if missing:
+                    problems.append(f"{name}: {key}.json lacks {', '.join(missing)}")
+                if "statements" in meta and SECOND_IMAGE not in sample:
+                    problems.append(f"{name}: NLVR2 sample {key} lacks {key}.{SECOND_IMAGE}")
+                if decode:
+                    for ext in (PRIMARY_IMAGE, SECOND_IMAGE):
+                        if ext not in sample:
+                            continue
+                        try:
+                            with Image.open(io.BytesIO(tar.extractfile(sample[ext]).read())) as image:
+                                image.load()
+                                if image.format != "JPEG" or image.mode != "RGB":
+                                    problems.append(f"{name}: {key}.{ext} is {image.format} {image.mode}, not an RGB JPEG")
+                        except Exception as error:  # any decoder failure is the finding itself
+                            problems.append(f"{name}: {key}.{ext} does not decode ({error})")
+    except (tarfile.TarError, OSError, EOFError) as error:
+        problems.append(f"{name}: not a readable tar ({error})")
+    return problems

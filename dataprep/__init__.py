@@ -1,0 +1,1 @@
+"""`python -m dataprep`: raw datasets -> WebDataset shards (the library side is managertower.data.prep)."""
