@@ -1,0 +1,82 @@
+"""Send a signal to the training ranks of one launch on this node, and to nothing else.
+
+    python -m cluster.signal_ranks --tag $SLURM_JOB_ID --signal USR1
+
+A rank is a process whose environment has MT_LAUNCH_TAG=TAG (cluster.launch sets it) and LOCAL_RANK (the
+per-node launcher sets it), and whose parent has no LOCAL_RANK: that leaves out the launchers above the ranks,
+which would die of SIGUSR1, and the data-loader workers below them. The training loop saves a checkpoint at
+the next step boundary on SIGUSR1 or SIGTERM and exits 0; the launchers then exit on their own.
+Prints one line per process signalled; exits 1 when it found no rank.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+
+def _environ(pid: int) -> dict[str, str] | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            raw = handle.read()
+    except OSError:  # gone, or not ours to read
+        return None
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in pairs}
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the command name may hold spaces and ')'
+
+
+def find_ranks(tag: str) -> list[int]:
+    ranks = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        environ = _environ(pid)
+        if not environ or environ.get("MT_LAUNCH_TAG") != tag or "LOCAL_RANK" not in environ:
+            continue
+        parent = _parent(pid)
+        parent_environ = _environ(parent) if parent else None
+        if parent_environ is not None and "LOCAL_RANK" in parent_environ:
+            continue  # a data-loader worker or another child of a rank
+        ranks.append(pid)
+    return sorted(ranks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.signal_ranks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tag", default=os.environ.get("MT_LAUNCH_TAG") or os.environ.get("SLURM_JOB_ID"),
+                        help="the launch's MT_LAUNCH_TAG (default: $MT_LAUNCH_TAG, else $SLURM_JOB_ID)")
+    parser.add_argument("--signal", default="USR1", help="a signal name: USR1 (default), TERM, ...")
+    args = parser.parse_args(argv)
+    if not args.tag:
+        parser.error("no --tag and neither MT_LAUNCH_TAG nor SLURM_JOB_ID is set")
+    name = args.signal.upper()
+    signum = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+    if not isinstance(signum, signal.Signals):
+        parser.error(f"unknown signal {args.signal!r}")
+    host = os.uname().nodename
+    ranks = find_ranks(args.tag)
+    for pid in ranks:
+        try:
+            os.kill(pid, signum)
+            print(f"signal_ranks: {host}: sent {signum.name} to rank process {pid}", flush=True)
+        except ProcessLookupError:
+            pass
+    if not ranks:
+        print(f"signal_ranks: {host}: no rank process with MT_LAUNCH_TAG={args.tag}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
