@@ -1,0 +1,73 @@
+"""Parameter groups, optimizer and learning-rate schedule (SPEC §2-3).
+
+Groups: {expert, new} x {decay, no decay}. Experts train at the base lr; the projections, cross-modal layers,
+poolers, managers and heads at `head_lr_mult` x lr (a task may give its own heads another multiplier). Biases,
+LayerNorm weights and the managers' per-input LayerNorm affines get no weight decay.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+
+def is_no_decay(name: str) -> bool:
+    """Biases, every LayerNorm (ours, transformers' `LayerNorm`, open_clip's `ln_*`) and temperatures."""
+    return name.endswith(".bias") or "norm" in name.lower() or ".ln_" in name or "temperature" in name
+
+
+def param_groups(module: nn.Module, train: TrainConfig, lr_multiplier: Callable[[str], float]) -> list[dict]:
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        mult = lr_multiplier(name)
+        no_decay = is_no_decay(name)
+        key = (mult, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "lr": train.lr * mult, "lr_mult": mult,
+                           "weight_decay": 0.0 if no_decay else train.weight_decay}
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    ordered = [groups[k] for k in sorted(groups)]
+    for group in ordered:
+        group["initial_lr"] = group["lr"]
+    return ordered
+
+
+def build_optimizer(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
+    """torch AdamW on the CPU (no native build needed); DeepSpeed's fused Adam on GPUs when asked or auto."""
+    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    kind = train.optimizer
+    if kind == "auto":
+        kind = "deepspeed_adam" if torch.cuda.is_available() else "torch_adamw"
+    if kind == "deepspeed_adam":
+        if torch.cuda.is_available():
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(clean, lr=train.lr, betas=train.betas, eps=train.eps, adam_w_mode=True)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(clean, lr=train.lr, betas=train.betas, eps=train.eps, adamw_mode=True)
+    return torch.optim.AdamW(clean, lr=train.lr, betas=train.betas, eps=train.eps)
+
+
+def warmup_linear_decay(total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """lr multiplier at optimizer step s: linear 0 -> 1 over warm-up, then linear 1 -> min_ratio at the end."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return max(min_ratio, 1.0 - progress * (1.0 - min_ratio))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int | None = None):
+    total = total_steps or train.steps
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear_decay(total, train.warmup_steps(), train.min_lr_ratio))

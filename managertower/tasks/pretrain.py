@@ -1,0 +1,172 @@
+"""Pre-training: MLM + ITM, loss = their plain sum (SPEC §2).
+
+One vision pass per step: MLM and ITM use the same images (ITM's negatives are other images of the batch),
+so the vision expert and the image projection run once and both objectives reuse its kept layers; the text
+expert and the fusion run twice (masked text for MLM, clean text for ITM). `forward_two_pass` is the naive
+step of the released code (the vision expert run again on the ITM images) and gives the same losses.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from .. import dist
+from ..config import Config
+from ..model import ITMHead, MLMHead, load_tokenizer
+from .base import Task
+
+HARD_NEGATIVE_ATTRIBUTES = ("colour", "shape", "size", "position")
+
+
+def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if labels.numel() == 0:  # no token picked in this batch: a zero loss that still reaches every weight
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels)
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        dim = cfg.model.hidden_size
+        self.mlm_head = MLMHead(dim, self.model.text_expert.vocab_size)
+        self.itm_head = ITMHead(dim)
+        from ..model import init_new_weights
+
+        self.mlm_head.apply(init_new_weights)
+        self.itm_head.apply(init_new_weights)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.cfg.model)
+        return self._tokenizer
+
+    # --- the objective ------------------------------------------------------------------------------------
+    def _losses(self, mlm_out, itm_out, batch) -> dict:
+        logits, labels = self.mlm_head(mlm_out.text, batch["mlm_labels"])
+        loss_mlm = _masked_cross_entropy(logits, labels)
+        itm_logits = self.itm_head(itm_out.cls_feats)
+        loss_itm = F.cross_entropy(itm_logits.float(), batch["itm_labels"])
+        with torch.no_grad():
+            acc_mlm = (logits.argmax(-1) == labels).float().mean() if labels.numel() else loss_mlm.new_zeros(())
+            acc_itm = (itm_logits.argmax(-1) == batch["itm_labels"]).float().mean()
+        return {"loss": loss_mlm + loss_itm, "loss_mlm": loss_mlm, "loss_itm": loss_itm, "acc_mlm": acc_mlm,
+                "acc_itm": acc_itm, "batch_size": batch["input_ids"].shape[0],
+                "tokens": int(batch["attention_mask"].sum())}
+
+    def forward(self, batch: dict) -> dict:
+        model = self.model
+        mask = batch["attention_mask"]
+        image = model.project_image(model.encode_image(batch["pixel_values"].to(self.dtype)))
+        mlm_out = model.fuse(model.project_text(model.encode_text(batch["mlm_input_ids"], mask)), mask, image)
+        itm_out = model.fuse(model.project_text(model.encode_text(batch["input_ids"], mask)), mask,
+                             image[batch["itm_image_index"]])
+        return self._losses(mlm_out, itm_out, batch)
+
+    def forward_two_pass(self, batch: dict) -> dict:
+        """The released code's step: each objective runs the whole tower on its own images."""
+        model = self.model
+        mask = batch["attention_mask"]
+        pixels = batch["pixel_values"].to(self.dtype)
+        mlm_out = model(batch["mlm_input_ids"], mask, pixels)
+        itm_out = model(batch["input_ids"], mask, pixels[batch["itm_image_index"]])
+        return self._losses(mlm_out, itm_out, batch)
+
+    # --- data -----------------------------------------------------------------------------------------------
+    def build_train_loader(self, rank: int, world_size: int, device: torch.device):
+        from ..data.pipelines import build_pretrain_loader
+
+        return build_pretrain_loader(self.cfg.data, self.cfg.model, self.tokenizer, micro_batch=self.cfg.train.micro_batch,
+                                     rank=rank, world_size=world_size, seed=self.cfg.train.seed, device=device)
+
+    # --- held-out ITM, with random and one-attribute hard negatives ---------------------------------------
+    def evaluate(self, rank: int, world_size: int, device: torch.device) -> dict:
+        if not self.cfg.data.val_shards:
+            return {}
+        from ..data.pipelines import build_eval_loader
+
+        loader = build_eval_loader(self.cfg.data.val_shards, self.cfg.data, self.cfg.model,
+                                   batch_size=self.cfg.train.micro_batch, rank=rank, world_size=world_size,
+                                   device=device, max_batches=self.cfg.train.eval_batches)
+        counts = torch.zeros(6, dtype=torch.float64)  # pos right, pos n, rand right, rand n, hard right, hard n
+        rng = random.Random(1234 + rank)
+        for batch in loader:
+            for i, (right, total) in enumerate(self.itm_eval_batch(batch, device, rng)):
+                counts[2 * i] += right
+                counts[2 * i + 1] += total
+        counts = dist.all_reduce_sum(counts)
+        pos, rand, hard = (counts[2 * i] / counts[2 * i + 1].clamp(min=1) for i in range(3))
+        metrics = {"acc_itm": float((pos + rand) / 2), "acc_itm_pos": float(pos), "acc_itm_random_neg": float(rand)}
+        if counts[5] > 0:
+            metrics["acc_itm_hard"] = float((pos + hard) / 2)
+            metrics["acc_itm_hard_neg"] = float(hard)
+        return metrics
+
+    @torch.no_grad()
+    def itm_eval_batch(self, batch: dict, device, rng: random.Random):
+        """ITM decisions on positives, random-image negatives and one-attribute hard-negative captions."""
+        from ..data.synthetic import hard_negative_caption
+
+        captions, image_ids = batch["captions"], batch["image_ids"]
+        pixels = batch["pixel_values"].to(device, self.dtype)
+        size = len(captions)
+        order = list(range(size))
+        negatives = []
+        for i in range(size):
+            others = [j for j in order if image_ids[j] != image_ids[i]]
+            negatives.append(rng.choice(others) if others else None)
+        hard_captions = []
+        for caption in captions:
+            attributes = list(HARD_NEGATIVE_ATTRIBUTES)
+            rng.shuffle(attributes)
+            swapped = None
+            for attribute in attributes:
+                try:
+                    swapped = hard_negative_caption(caption, attribute, rng)
+                    break
+                except ValueError:  # the caption names no word of this attribute
+                    continue
+            hard_captions.append(swapped)
+        image = self.model.project_image(self.model.encode_image(pixels))
+
+        def matches(texts, image_index) -> torch.Tensor:
+            tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.cfg.model.max_text_len,
+                                    return_tensors="pt").to(device)
+            text = self.model.project_text(self.model.encode_text(tokens["input_ids"], tokens["attention_mask"]))
+            out = self.model.fuse(text, tokens["attention_mask"], image[torch.tensor(image_index, device=device)])
+            return self.itm_head(out.cls_feats).argmax(-1) == 1
+
+        results = [(int(matches(captions, order).sum()), size)]
+        neg_rows = [i for i in order if negatives[i] is not None]
+        right = int((~matches([captions[i] for i in neg_rows], [negatives[i] for i in neg_rows])).sum()) if neg_rows else 0
+        results.append((right, len(neg_rows)))
+        hard_rows = [i for i in order if hard_captions[i] is not None]
+        right = int((~matches([hard_captions[i] for i in hard_rows], hard_rows)).sum()) if hard_rows else 0
+        results.append((right, len(hard_rows)))
+        return results
+
+    def train_flops_per_sample(self) -> float | None:
+        """Forward+backward FLOPs of one pre-training sample (3 x forward), counted on the meta device."""
+        if not torch.cuda.is_available():
+            return None
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from ..model import ManagerTower
+
+        cfg = self.cfg.model
+        with torch.device("meta"):
+            tower = ManagerTower(cfg)
+            ids = torch.zeros(1, cfg.max_text_len, dtype=torch.long)
+            mask = torch.ones(1, cfg.max_text_len, dtype=torch.long)
+            pixels = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            image = tower.project_image(tower.encode_image(pixels))
+            for _ in range(2):  # MLM and ITM fusions share the image
+                tower.fuse(tower.project_text(tower.text_expert(ids, None)), mask, image)
+        return 3.0 * counter.get_total_flops()

@@ -1,0 +1,1 @@
+"""The pre-training door: `python -m pretrain --config C [key=value ...]` (see __main__.py)."""

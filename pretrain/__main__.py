@@ -1,0 +1,95 @@
+"""Pre-train ManagerTower with MLM + ITM.
+
+Every launch mode runs this same entry point:
+
+    python -m pretrain --config pretrain/configs/tiny.yaml run.dir=runs/x           # one process
+    deepspeed --num_gpus 8 --module pretrain --config pretrain/configs/base.yaml    # one node, 8 ranks
+    deepspeed --hostfile hosts --module pretrain --config pretrain/configs/base.yaml  # many nodes (pdsh/ssh)
+    torchrun --nproc_per_node 8 -m pretrain --config pretrain/configs/base.yaml
+    srun python -m pretrain --config ...                                             # SLURM, one task per GPU
+    sbatch cluster/slurm/pretrain.sbatch                                             # see cluster/README.md
+
+Overrides are dotted recipe keys (`train.steps=10 data.train_shards=[a,b]`); `--print-keys` lists them.
+`resume=auto` (the default) continues from the newest complete checkpoint in RUN/checkpoints.
+
+    python -m pretrain export RUN_DIR [--out FILE]    # one fp32 file for fine-tuning (zero_to_fp32)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from managertower.config import ConfigError, _all_keys, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        return export(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=False, help="a recipe YAML (pretrain/configs/*.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    parser.add_argument("--print-keys", action="store_true", help="list every override key and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    if args.print_keys:
+        print("\n".join(_all_keys()))
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    return run(cfg)
+
+
+def run(cfg) -> int:
+    from managertower.config import ConfigError
+    from managertower.engine.loop import Trainer
+    from managertower.model import ApexMissingError
+    from managertower.tasks.pretrain import PretrainTask
+
+    try:
+        if not cfg.data.train_shards:
+            raise ConfigError("data.train_shards is empty: give the shard folders `python -m dataprep` wrote, "
+                              "e.g. data.train_shards=[shards/coco,shards/vg]")
+        task = PretrainTask(cfg)
+        summary = Trainer(cfg, task).fit()
+    except (ConfigError, ApexMissingError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0 if summary else 1
+
+
+def export(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from managertower.engine import checkpoint as ckpt
+
+    parser = argparse.ArgumentParser(prog="python -m pretrain export",
+                                     description="Write one fp32 weights file from a run's newest checkpoint.")
+    parser.add_argument("source", help="a run folder, its checkpoints/ folder, or a step-N folder")
+    parser.add_argument("--out", default=None, help="default: SOURCE/export/model_fp32.pt")
+    args = parser.parse_args(argv)
+    source = Path(args.source)
+    folder = source if (source / ckpt.COMPLETE).exists() else (ckpt.find_resume(source / "checkpoints")
+                                                                or ckpt.find_resume(source))
+    if folder is None:
+        print(f"error: {source} holds no complete checkpoint", file=sys.stderr)
+        return 2
+    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+    out = Path(args.out) if args.out else run_dir / "export" / "model_fp32.pt"
+    ckpt.export_fp32(folder, out)
+    print(f"exported {folder} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
