@@ -28,12 +28,12 @@ import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from managertower.data.formats import READERS, DataprepError, Item
 from managertower.data.images import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, EncodedImage, ImageRejected, load_image
-from managertower.data.shards import (SECOND_IMAGE, ShardRecord, ShardWriter, index_path_for, read_index,
+from managertower.data.shards import (SECOND_IMAGE, ShardWriter, index_path_for, read_index,
                                       sha256_file, shard_name, verify_shard)
 
 MANIFEST = "manifest.json"
@@ -65,14 +65,6 @@ class ShardResult:
     skipped: dict[str, int]
     images: int
     kept_from_previous_run: bool = False
-
-
-@dataclass
-class RunReport:
-    """What one `prepare` call did; `manifest` is its run manifest (also on disk)."""
-
-    manifest: dict
-    results: list[ShardResult] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,7 +154,8 @@ def write_shard(task: ShardTask) -> ShardResult:
         raise
     record = asdict(records[0]) if records else None
     if record is None:  # every item skipped: no tar, and an old one from another plan must not linger
-        for path in (os.path.join(task.out, shard_name(task.split, task.index)),):
+        tar_path = os.path.join(task.out, shard_name(task.split, task.index))
+        for path in (tar_path, index_path_for(tar_path)):
             if os.path.exists(path):
                 os.remove(path)
     result = ShardResult(task.index, record, dict(skipped), images)
