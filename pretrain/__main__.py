@@ -60,6 +60,10 @@ def run(cfg) -> int:
         if not cfg.data.train_shards:
             raise ConfigError("data.train_shards is empty: give the shard folders `python -m dataprep` wrote, "
                               "e.g. data.train_shards=[shards/coco,shards/vg]")
+        from managertower.data.shards import expand_shards
+
+        for spec in [*cfg.data.train_shards, *cfg.data.val_shards]:
+            expand_shards(spec)  # a wrong path fails here, before DeepSpeed and DALI start
         task = PretrainTask(cfg)
         summary = Trainer(cfg, task).fit()
     except (ConfigError, ApexMissingError, FileNotFoundError) as err:

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -38,6 +39,13 @@ def _atomic_write(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _fault_point(where: str, step: int) -> None:
+    """Fault injection for the crash tests: MANAGERTOWER_FAULT=save:N kills this process (SIGKILL, no clean-up)
+    in the middle of saving step N, after DeepSpeed's files are written and before the checkpoint is complete."""
+    if os.environ.get("MANAGERTOWER_FAULT") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_state() -> dict:
@@ -110,6 +118,7 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, meta: dict, rank_state:
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"step": step}, save_latest=False)
     torch.save({**rank_state, "rng": rng_state()}, tmp_dir / f"rank{dist.rank()}.pt")
+    _fault_point("save", step)
     dist.barrier()
     if dist.is_main():
         meta = {**meta, "step": step, "world_size": dist.world_size(), "saved_at": time.time()}

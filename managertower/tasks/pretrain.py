@@ -8,6 +8,7 @@ step of the released code (the vision expert run again on the ITM images) and gi
 from __future__ import annotations
 
 import random
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,10 @@ def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     if labels.numel() == 0:  # no token picked in this batch: a zero loss that still reaches every weight
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), labels)
+
+
+def _captions_and_ids(examples: list[dict], images) -> dict:
+    return {"captions": [e["text"] for e in examples], "image_ids": [e["image_id"] for e in examples]}
 
 
 class PretrainTask(Task):
@@ -88,17 +93,28 @@ class PretrainTask(Task):
     def evaluate(self, rank: int, world_size: int, device: torch.device) -> dict:
         if not self.cfg.data.val_shards:
             return {}
-        from ..data.pipelines import build_eval_loader
+        from ..data.collate import expand_pretrain
+        from ..data.pipelines import build_loader
+        from ..data.shards import expand_shards
 
-        loader = build_eval_loader(self.cfg.data.val_shards, self.cfg.data, self.cfg.model,
-                                   batch_size=self.cfg.train.micro_batch, rank=rank, world_size=world_size,
-                                   device=device, max_batches=self.cfg.train.eval_batches)
+        data = self.cfg.data
+        # One caption per held-out image, in order: every rank sees its own part, the same one every time.
+        loader = build_loader([expand_shards(spec) for spec in data.val_shards], None, backend=data.loader,
+                              batch_size=self.cfg.train.micro_batch, image_size=self.cfg.model.image_size,
+                              rank=rank, world_size=world_size, seed=0,
+                              expand=partial(expand_pretrain, per_caption=False), collate=_captions_and_ids,
+                              train=False, num_threads=data.num_threads, device=device)
         counts = torch.zeros(6, dtype=torch.float64)  # pos right, pos n, rand right, rand n, hard right, hard n
         rng = random.Random(1234 + rank)
-        for batch in loader:
-            for i, (right, total) in enumerate(self.itm_eval_batch(batch, device, rng)):
-                counts[2 * i] += right
-                counts[2 * i + 1] += total
+        try:
+            for index, batch in enumerate(loader):
+                if index >= self.cfg.train.eval_batches:
+                    break
+                for i, (right, total) in enumerate(self.itm_eval_batch(batch, device, rng)):
+                    counts[2 * i] += right
+                    counts[2 * i + 1] += total
+        finally:
+            loader.close()
         counts = dist.all_reduce_sum(counts)
         pos, rand, hard = (counts[2 * i] / counts[2 * i + 1].clamp(min=1) for i in range(3))
         metrics = {"acc_itm": float((pos + rand) / 2), "acc_itm_pos": float(pos), "acc_itm_random_neg": float(rand)}

@@ -1,0 +1,87 @@
+"""Fine-tuning metrics (SPEC §3), as plain functions of tensors and lists so they can be checked by hand.
+
+    vqa_score(pred_answers, answer_scores)        mean soft score of the predicted answers (VQAv2)
+    accuracy(pred, labels)                        NLVR2, SNLI-VE
+    retrieval_recall(ranked_images, ranked_texts, text_to_image, ks)
+                                                  IR (text -> image) and TR (image -> text) recall@K with
+                                                  several captions per image
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+
+def vqa_soft_score(count: int) -> float:
+    """The VQAv2 soft score of an answer given by `count` of the 10 annotators: min(1, 0.3 x count)
+    (0, .3, .6, .9, 1), as the released code's dataprep rounds it."""
+    return min(1.0, 0.3 * count)
+
+
+def vqa_score(pred_answers: Sequence[str], answer_scores: Sequence[dict]) -> float:
+    """Mean over questions of the soft score the annotators gave the predicted answer (0 if none gave it)."""
+    if not pred_answers:
+        return 0.0
+    total = sum(float(scores.get(pred, 0.0)) for pred, scores in zip(pred_answers, answer_scores))
+    return total / len(pred_answers)
+
+
+def vqa_majority_baseline(answer_scores: Sequence[dict]) -> tuple[str, float]:
+    """The single answer that scores best on these questions, and its VQA score: an upper bound on any
+    'always answer X' model (the 'majority answer' baseline)."""
+    totals: Counter = Counter()
+    for scores in answer_scores:
+        for answer, score in scores.items():
+            totals[answer] += float(score)
+    if not totals:
+        return "", 0.0
+    answer, total = totals.most_common(1)[0]
+    return answer, total / len(answer_scores)
+
+
+def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((pred == labels).float().mean()) if labels.numel() else 0.0
+
+
+def recall_at_k(ranked: torch.Tensor, positives: list[set[int]], ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """ranked: Q x K candidate indices, best first (-1 pads a short list); positives[q]: the right candidates.
+    recall@k = fraction of queries with a right candidate among their first k."""
+    out = {}
+    queries = ranked.shape[0]
+    for k in ks:
+        hits = 0
+        for q in range(queries):
+            top = ranked[q, :k].tolist()
+            hits += any(c in positives[q] for c in top)
+        out[k] = hits / max(1, queries)
+    return out
+
+
+def retrieval_recall(text_ranked_images: torch.Tensor, image_ranked_texts: torch.Tensor,
+                     text_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10), prefix: str = "") -> dict:
+    """IR: each text's ranked image list against its one image; TR: each image's ranked text list against all
+    of its captions (a hit when any of them is in the top k). Returns {prefix}ir_r1 ... {prefix}tr_r10 and the
+    means ({prefix}ir_mean, {prefix}tr_mean, {prefix}rsum)."""
+    images = image_ranked_texts.shape[0]
+    captions_of: list[set[int]] = [set() for _ in range(images)]
+    for text, image in enumerate(text_to_image):
+        captions_of[image].add(text)
+    ir = recall_at_k(text_ranked_images, [{image} for image in text_to_image], ks)
+    tr = recall_at_k(image_ranked_texts, captions_of, ks)
+    metrics = {}
+    for k in ks:
+        metrics[f"{prefix}ir_r{k}"] = ir[k]
+    for k in ks:
+        metrics[f"{prefix}tr_r{k}"] = tr[k]
+    metrics[f"{prefix}ir_mean"] = sum(ir.values()) / len(ks)
+    metrics[f"{prefix}tr_mean"] = sum(tr.values()) / len(ks)
+    metrics[f"{prefix}rsum"] = sum(ir.values()) + sum(tr.values())
+    return metrics
+
+
+def rerank(candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Reorder each row of `candidates` (Q x K indices) by `scores` (Q x K, higher first); stable in ties."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return torch.gather(candidates, 1, order)

@@ -1,0 +1,87 @@
+"""NLVR2 (SPEC §3): 384 px, two images per statement, two passes, CE over 2 classes, accuracy.
+
+The statement is encoded once; each image runs through the vision expert (one batched call for both) and is
+projected with its own type row (1 left, 2 right: `tower.SECOND_IMAGE_TYPE`); the text is fused with each image
+separately and the two `cls_feats` are concatenated -> ClassifierHead(4D, 2D, 2) (3072 -> 1536 -> 2), lr x10.
+From a pre-trained checkpoint the unused type row 2 starts as a copy of the image row 1 (as the released
+code expands its token-type embedding for NLVR2).
+Predictions: RUN/predictions_nlvr2_{split}.csv, `identifier,prediction` with True/False (the leaderboard's form).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..model import ClassifierHead, init_new_weights
+from ..model.tower import IMAGE_TYPE, SECOND_IMAGE_TYPE
+from . import metrics
+from .finetune import FinetuneTask, TextCollator
+
+
+def _label(value) -> int:
+    if isinstance(value, str):
+        return int(value.strip().lower() == "true")
+    return int(bool(value))
+
+
+class NLVR2Task(FinetuneTask):
+    name = "nlvr2"
+    head_prefixes = ("classifier.",)
+    default_head_lr_mult = 10.0
+    images = ("jpg", "img1.jpg")
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        dim = cfg.model.hidden_size
+        self.classifier = ClassifierHead(4 * dim, 2 * dim, 2)
+        self.classifier.apply(init_new_weights)
+
+    def expand(self, meta: dict) -> list[dict]:
+        return [{"text": s["sentence"], "label": _label(s.get("label", 0)), "identifier": s.get("identifier", "")}
+                for s in meta.get("statements") or [] if s.get("sentence")]
+
+    def make_collator(self, train: bool):
+        return TextCollator(self.tokenizer, self.cfg.model.max_text_len, labels=("label",), keep=("identifier",))
+
+    def load_tower_weights(self, state_dict: dict, source: str = "") -> list[str]:
+        missing = super().load_tower_weights(state_dict, source)
+        with torch.no_grad():
+            types = self.model.type_embedding.weight
+            types[SECOND_IMAGE_TYPE] = types[IMAGE_TYPE]
+        return missing
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        model = self.model
+        mask = batch["attention_mask"]
+        text = model.project_text(model.encode_text(batch["input_ids"], mask))
+        pixels = torch.cat([batch["pixel_values"], batch["pixel_values_2"]]).to(self.dtype)
+        left, right = model.encode_image(pixels).chunk(2)
+        first = model.fuse(text, mask, model.project_image(left, IMAGE_TYPE))
+        second = model.fuse(text, mask, model.project_image(right, SECOND_IMAGE_TYPE))
+        return self.classifier(torch.cat([first.cls_feats, second.cls_feats], dim=-1)).float()
+
+    def forward(self, batch: dict) -> dict:
+        logits = self.logits(batch)
+        loss = F.cross_entropy(logits, batch["label"])
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        return {"loss": loss, "acc": acc, "batch_size": logits.shape[0], "tokens": int(batch["attention_mask"].sum())}
+
+    def eval_batch(self, batch: dict) -> list[dict]:
+        pred = self.logits(batch).argmax(-1).tolist()
+        return [{"identifier": i, "prediction": p, "label": int(l)}
+                for i, p, l in zip(batch["identifier"], pred, batch["label"].tolist())]
+
+    def eval_metrics(self, records: list[dict]) -> dict:
+        if not records:
+            return {}
+        pred = torch.tensor([r["prediction"] for r in records])
+        labels = torch.tensor([r["label"] for r in records])
+        return {"accuracy": metrics.accuracy(pred, labels), "examples": float(len(records))}
+
+    def write_predictions(self, records: list[dict]):
+        path = self.predictions_path("csv")
+        with open(path, "w") as handle:
+            handle.writelines(f"{r['identifier']},{bool(r['prediction'])}\n" for r in records)
+        return path

@@ -1,0 +1,304 @@
+"""Image-text retrieval, Flickr30K and COCO (SPEC §3): ITC + ITM with hard negatives; ITC top-k re-ranked by ITM.
+
+Training step (B captions with their images; several captions of one picture may share a batch):
+  ITC  the raw uni-modal class features (text expert last layer token 0 = encode_text(...)[:, -1, 0]; vision
+       `ln_post` class token of the last block = encode_image(...)[:, -1, 0]) -> ITCHead (Linear D -> 256 per
+       modality, L2-normalised; temperature learnable from 0.07, clamped to [0.001, 0.5]). Both sides are
+       all-gathered across ranks WITH gradients (`gather_with_grad`); each rank's texts score against every
+       rank's images and vice versa. Targets spread uniformly over the positives (every image / caption of
+       the same picture: ALBEF's retrieval targets), so a second caption of the same image is not a negative.
+  ITM  one hard negative image per text and one hard negative text per image, drawn from this rank's ITC
+       softmax with every positive (same picture) zeroed; the B positives and 2B negatives (labels
+       [1, 0, 0]) go through the fusion and `itm_head` (Linear 2D -> 2). Negatives come from the rank's own
+       batch (their uni-modal layers are already here; gathering 6 x 577 x 768 image layers is not worth it).
+  loss = ITC + ITM. The vision expert runs once per distinct picture of the batch.
+Heads (itc_head, itm_head) and the rest of the new parts: lr x5 (Table 9). From a pre-trained checkpoint the
+ITM head starts from the pre-training ITM head when the checkpoint has one (`itm_head.*`, as the released
+code reuses its ITM classifier); the ITC head is new.
+
+Inference (evaluate): every rank encodes its part of the test images (keeping their projected layers) and a
+slice of the captions; the ITC embeddings are gathered, each text gets its top-k images and each image its
+top-k captions by ITC (k = task.retrieval_topk: 128 Flickr30K, 256 COCO); the pairs are re-ranked by the ITM
+log-odds, each pair scored on the rank that holds its image, and the scores summed across ranks. Reported:
+IR / TR recall@1/5/10 after re-ranking (`ir_r1`, ...) and from ITC alone (`itc_ir_r1`, ...).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import dist
+from ..config import Config
+from ..data.augment import mix_seed
+from ..model import ITCHead, ITMHead, init_new_weights
+from . import metrics
+from .finetune import FinetuneTask, TextCollator, _distributed, gather_objects, gather_rows, gather_with_grad
+
+
+def image_key(image_id) -> int:
+    """A 63-bit integer id for any image id (ints, strings), so ids can travel in tensors."""
+    return mix_seed(str(image_id))
+
+
+def itc_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, text_ids: torch.Tensor, image_ids: torch.Tensor,
+             temperature: torch.Tensor, gather: bool = True):
+    """Contrastive loss of normalised embeddings, gathered across ranks (with gradients) when `gather`.
+
+    text_emb B x d with picture ids text_ids (B), image_emb B' x d with ids image_ids (B'). Returns
+    (loss, text->all-images logits, image->all-texts logits, the gathered image ids)."""
+    all_images = gather_with_grad(image_emb) if gather else image_emb
+    all_texts = gather_with_grad(text_emb) if gather else text_emb
+    all_image_ids = gather_rows(image_ids) if gather else image_ids
+    all_text_ids = gather_rows(text_ids) if gather else text_ids
+    t2i = text_emb @ all_images.t() / temperature
+    i2t = image_emb @ all_texts.t() / temperature
+
+    def soft_ce(logits, row_ids, column_ids):
+        positives = (row_ids[:, None] == column_ids[None, :]).float()
+        targets = positives / positives.sum(1, keepdim=True).clamp(min=1)
+        return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+    loss = (soft_ce(t2i, text_ids, all_image_ids) + soft_ce(i2t, image_ids, all_text_ids)) / 2
+    return loss, t2i, i2t, all_image_ids
+
+
+@torch.no_grad()
+def sample_hard_negatives(similarity: torch.Tensor, row_ids: torch.Tensor, column_ids: torch.Tensor,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column per row drawn from softmax(similarity row) with every positive (same id) zeroed.
+
+    Returns (column index per row, valid mask): a row whose every column is a positive has no negative. A row
+    whose softmax underflows to zero on all negatives draws uniformly among them."""
+    weights = F.softmax(similarity.float(), dim=1)
+    negatives = row_ids[:, None] != column_ids[None, :]
+    weights = weights * negatives
+    valid = negatives.any(1)
+    dead = valid & (weights.sum(1) <= 0)
+    weights[dead] = negatives[dead].float()
+    weights[~valid] = 1.0  # any column; the row is dropped
+    picked = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return picked, valid
+
+
+class RetrievalCollator(TextCollator):
+    def __call__(self, examples: list[dict], images=None) -> dict:
+        batch = super().__call__(examples, images)
+        batch["image_ids"] = torch.tensor([image_key(e["image_id"]) for e in examples], dtype=torch.long)
+        return batch
+
+
+class EvalImagesCollator:
+    """Eval: one example per picture, its captions kept as lists."""
+
+    def __call__(self, examples: list[dict], images=None) -> dict:
+        return {"image_id": [e["image_id"] for e in examples], "captions": [e["captions"] for e in examples]}
+
+
+class RetrievalTask(FinetuneTask):
+    name = "retrieval"
+    head_prefixes = ("itc_head.", "itm_head.")
+    default_head_lr_mult = 5.0
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        dim = cfg.model.hidden_size
+        self.itc_head = ITCHead(self.model.text_expert.hidden_size, self.model.vision_expert.hidden_size,
+                                cfg.task.itc_dim)
+        self.itm_head = ITMHead(dim)
+        self.itc_head.text_proj.apply(init_new_weights)
+        self.itc_head.image_proj.apply(init_new_weights)
+        self.itm_head.apply(init_new_weights)
+
+    # --- data ---------------------------------------------------------------------------------------------
+    def expand(self, meta: dict) -> list[dict]:
+        return [{"text": c, "image_id": meta.get("image_id", meta.get("key"))}
+                for c in meta.get("captions") or [] if isinstance(c, str) and c.strip()]
+
+    def expand_eval(self, meta: dict) -> list[dict]:
+        captions = [c for c in meta.get("captions") or [] if isinstance(c, str) and c.strip()]
+        return [{"image_id": meta.get("image_id", meta.get("key")), "captions": captions}] if captions else []
+
+    def make_collator(self, train: bool):
+        if train:
+            return RetrievalCollator(self.tokenizer, self.cfg.model.max_text_len)
+        return EvalImagesCollator()
+
+    def load_tower_weights(self, state_dict: dict, source: str = "") -> list[str]:
+        missing = super().load_tower_weights(state_dict, source)
+        itm = {k[len("itm_head."):]: v for k, v in state_dict.items() if k.startswith("itm_head.")}
+        if itm and all(itm[k].shape == v.shape for k, v in self.itm_head.state_dict().items() if k in itm):
+            self.itm_head.load_state_dict(itm)
+        return missing
+
+    # --- the objective --------------------------------------------------------------------------------------
+    def itm_logits(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.itm_head(self.model.fuse(text, mask, image).cls_feats).float()
+
+    def forward(self, batch: dict) -> dict:
+        model = self.model
+        ids, mask, image_ids = batch["input_ids"], batch["attention_mask"], batch["image_ids"]
+        # The vision expert once per distinct picture (a picture's captions sit next to each other in a batch).
+        unique_ids, first, inverse = _unique_first(image_ids)
+        text_layers = model.encode_text(ids, mask)
+        image_layers = model.encode_image(batch["pixel_values"][first].to(self.dtype))
+        text_emb, image_emb = self.itc_head(text_layers[:, -1, 0], image_layers[:, -1, 0])
+        temperature = self.itc_head.temperature()
+        loss_itc, t2i, i2t, all_image_ids = itc_loss(text_emb, image_emb, image_ids, unique_ids, temperature)
+
+        size = ids.shape[0]
+        # Hard negatives from this rank's ITC similarities (B texts x U pictures), positives zeroed.
+        local_t2i = (text_emb @ image_emb.t()).detach() / temperature.detach()
+        neg_image, text_ok = sample_hard_negatives(local_t2i, image_ids, unique_ids)  # a picture per text
+        # A caption per example's picture (rows: the example's picture against every caption of the batch).
+        neg_text, image_ok = sample_hard_negatives(local_t2i.t()[inverse], image_ids, image_ids)
+        text = model.project_text(text_layers)
+        image = model.project_image(image_layers)
+        rows = torch.arange(size, device=ids.device)
+        text_index = torch.cat([rows, rows[text_ok], neg_text[image_ok]])
+        image_index = torch.cat([inverse, neg_image[text_ok], inverse[image_ok]])
+        labels = torch.zeros(len(text_index), dtype=torch.long, device=ids.device)
+        labels[:size] = 1
+        logits = self.itm_logits(text[text_index], mask[text_index], image[image_index])
+        loss_itm = F.cross_entropy(logits, labels)
+        with torch.no_grad():
+            acc_itm = (logits.argmax(-1) == labels).float().mean()
+            acc_itc = (all_image_ids[t2i.argmax(1)] == image_ids).float().mean()
+        return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm, "acc_itm": acc_itm,
+                "acc_itc": acc_itc, "temperature": temperature.detach(), "batch_size": size,
+                "tokens": int(mask.sum())}
+
+    # --- inference ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], device, batch_size: int):
+        """(ITC embeddings, projected text layers, masks) of `texts`, in chunks."""
+        collator = TextCollator(self.tokenizer, self.cfg.model.max_text_len)
+        embeddings, layers, masks = [], [], []
+        for start in range(0, len(texts), batch_size):
+            tokens = collator.tokenize(texts[start:start + batch_size])
+            ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            encoded = self.model.encode_text(ids, mask)
+            embeddings.append(F.normalize(self.itc_head.text_proj(encoded[:, -1, 0]), dim=-1).float())
+            layers.append(self.model.project_text(encoded))
+            masks.append(mask)
+        if not embeddings:
+            dim = self.cfg.task.itc_dim
+            return torch.zeros(0, dim, device=device), None, None
+        return torch.cat(embeddings), torch.cat(layers), torch.cat(masks)
+
+    @torch.no_grad()
+    def evaluate(self, rank: int, world_size: int, device: torch.device) -> dict:
+        if not self.cfg.task.eval_shards:
+            return {}
+        batch_size = self.cfg.train.micro_batch
+        # 1. This rank's pictures: ITC embeddings and projected layers (kept for the ITM re-ranking).
+        loader = self.build_eval_loader(rank, world_size, device)
+        local_ids, local_captions, image_emb, image_layers = [], [], [], []
+        try:
+            for batch in loader:
+                encoded = self.model.encode_image(batch["pixel_values"].to(device, self.dtype))
+                image_emb.append(F.normalize(self.itc_head.image_proj(encoded[:, -1, 0]), dim=-1).float())
+                image_layers.append(self.model.project_image(encoded))
+                local_ids += batch["image_id"]
+                local_captions += batch["captions"]
+        finally:
+            loader.close()
+        dim = self.cfg.task.itc_dim
+        image_emb = torch.cat(image_emb) if image_emb else torch.zeros(0, dim, device=device)
+        # 2. The global picture list (rank order), its captions, and who holds which picture.
+        pictures = gather_objects([(rank, i, c) for i, c in zip(local_ids, local_captions)])
+        owners = torch.tensor([p[0] for p in pictures])
+        first_local = int((owners < rank).sum())
+        texts, text_to_image = [], []
+        for index, (_, _, captions) in enumerate(pictures):
+            texts += captions
+            text_to_image += [index] * len(captions)
+        n_images, n_texts = len(pictures), len(texts)
+        if n_images == 0:
+            return {}
+        all_image_emb = gather_rows(image_emb)
+        # 3. ITC embeddings of the captions, a slice per rank.
+        lo, hi = n_texts * rank // world_size, n_texts * (rank + 1) // world_size
+        text_emb, _, _ = self.encode_texts(texts[lo:hi], device, batch_size)
+        all_text_emb = gather_rows(text_emb)
+        # 4. ITC top-k both ways (in chunks: COCO's 25k x 5k similarity never sits in memory at once).
+        k_images = min(self.cfg.task.retrieval_topk, n_images)
+        k_texts = min(self.cfg.task.retrieval_topk, n_texts)
+        text_top = _topk_rows(all_text_emb, all_image_emb, k_images)  # n_texts x k_images
+        image_top = _topk_rows(all_image_emb, all_text_emb, k_texts)  # n_images x k_texts
+        itc_metrics = metrics.retrieval_recall(text_top.cpu(), image_top.cpu(), text_to_image, prefix="itc_")
+        # 5. ITM log-odds of the candidate pairs whose picture this rank holds; summed across ranks.
+        ir_scores = torch.zeros(n_texts, k_images, device=device)
+        tr_scores = torch.zeros(n_images, k_texts, device=device)
+        mine = (owners == rank).to(device)
+        pairs: dict[tuple[int, int], list] = {}
+        for t, g in zip(*torch.nonzero(mine[text_top], as_tuple=True)):
+            pairs.setdefault((int(t), int(text_top[t, g])), []).append(("ir", int(t), int(g)))
+        for g, s in zip(*torch.nonzero(mine[:, None].expand_as(image_top), as_tuple=True)):
+            pairs.setdefault((int(image_top[g, s]), int(g)), []).append(("tr", int(g), int(s)))
+        ordered = sorted(pairs, key=lambda pair: (pair[1], pair[0]))  # by picture: few distinct texts per chunk
+        chunk = max(1, 2 * batch_size)
+        local_layers = torch.cat(image_layers) if image_layers else None
+        for start in range(0, len(ordered), chunk):
+            part = ordered[start:start + chunk]
+            unique_texts = sorted({t for t, _ in part})
+            position = {t: i for i, t in enumerate(unique_texts)}
+            _, layers, masks = self.encode_texts([texts[t] for t in unique_texts], device, batch_size)
+            text_rows = torch.tensor([position[t] for t, _ in part], device=device)
+            image_rows = torch.tensor([g - first_local for _, g in part], device=device)
+            logits = self.itm_logits(layers[text_rows], masks[text_rows], local_layers[image_rows])
+            scores = (logits[:, 1] - logits[:, 0]).float()
+            for pair, score in zip(part, scores):
+                for kind, row, slot in pairs[pair]:
+                    (ir_scores if kind == "ir" else tr_scores)[row, slot] = score
+        if _distributed():
+            torch.distributed.all_reduce(ir_scores)
+            torch.distributed.all_reduce(tr_scores)
+        text_ranked = metrics.rerank(text_top.cpu(), ir_scores.cpu())
+        image_ranked = metrics.rerank(image_top.cpu(), tr_scores.cpu())
+        results = metrics.retrieval_recall(text_ranked, image_ranked, text_to_image)
+        results.update(itc_metrics)
+        results.update({"images": float(n_images), "texts": float(n_texts), "topk": float(k_images)})
+        if dist.is_main():
+            self._write_rankings(pictures, texts, text_ranked, image_ranked)
+        return results
+
+    def _write_rankings(self, pictures, texts, text_ranked, image_ranked) -> None:
+        import json
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.predictions_path("json")
+        image_ids = [p[1] for p in pictures]
+        top = min(10, text_ranked.shape[1])
+        with open(path, "w") as handle:
+            json.dump({"text_to_image": [{"text": texts[t], "images": [image_ids[g] for g in text_ranked[t, :top].tolist()]}
+                                         for t in range(len(texts))],
+                       "image_to_text": [{"image_id": image_ids[g], "texts": image_ranked[g, :top].tolist()}
+                                         for g in range(len(image_ids))]}, handle)
+
+
+def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distinct ids in order of first appearance, the index of each one's first row, row -> distinct index)."""
+    seen: dict[int, int] = {}
+    first, inverse = [], []
+    for row, value in enumerate(ids.tolist()):
+        if value not in seen:
+            seen[value] = len(first)
+            first.append(row)
+        inverse.append(seen[value])
+    first_t = torch.tensor(first, dtype=torch.long, device=ids.device)
+    return ids[first_t], first_t, torch.tensor(inverse, dtype=torch.long, device=ids.device)
+
+
+def _topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        out.append((queries[start:start + chunk] @ keys.t()).topk(k, dim=1).indices)
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long, device=keys.device)
+
+
+class Flickr30KTask(RetrievalTask):
+    name = "flickr30k"
+
+
+class COCORetrievalTask(RetrievalTask):
+    name = "coco"

@@ -1,0 +1,73 @@
+"""SNLI-VE (SPEC §3): 384 px, text = the hypothesis only, 3 classes (contradiction 0, neutral 1, entailment 2),
+CE, accuracy. Head ClassifierHead(2D, 4D, 3) (1536 -> 3072 -> 3), lr x10.
+Predictions: RUN/predictions_snli_ve_{split}.csv, `pair_id,prediction,label` with the label names.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..model import ClassifierHead, init_new_weights
+from . import metrics
+from .finetune import FinetuneTask, TextCollator
+
+LABELS = ("contradiction", "neutral", "entailment")
+
+
+def _label(value) -> int:
+    if isinstance(value, str):
+        return LABELS.index(value.strip().lower())
+    return int(value)
+
+
+class SNLIVETask(FinetuneTask):
+    name = "snli_ve"
+    head_prefixes = ("classifier.",)
+    default_head_lr_mult = 10.0
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        dim = cfg.model.hidden_size
+        self.classifier = ClassifierHead(2 * dim, 4 * dim, len(LABELS))
+        self.classifier.apply(init_new_weights)
+
+    def expand(self, meta: dict) -> list[dict]:
+        return [{"text": h["text"], "label": _label(h["label"]), "pair_id": str(h.get("pair_id", ""))}
+                for h in meta.get("hypotheses") or [] if h.get("text")]
+
+    def make_collator(self, train: bool):
+        return TextCollator(self.tokenizer, self.cfg.model.max_text_len, labels=("label",), keep=("pair_id",))
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"].to(self.dtype))
+        return self.classifier(out.cls_feats).float()
+
+    def forward(self, batch: dict) -> dict:
+        logits = self.logits(batch)
+        loss = F.cross_entropy(logits, batch["label"])
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        return {"loss": loss, "acc": acc, "batch_size": logits.shape[0], "tokens": int(batch["attention_mask"].sum())}
+
+    def eval_batch(self, batch: dict) -> list[dict]:
+        pred = self.logits(batch).argmax(-1).tolist()
+        return [{"pair_id": i, "prediction": p, "label": int(l)}
+                for i, p, l in zip(batch["pair_id"], pred, batch["label"].tolist())]
+
+    def eval_metrics(self, records: list[dict]) -> dict:
+        if not records:
+            return {}
+        pred = torch.tensor([r["prediction"] for r in records])
+        labels = torch.tensor([r["label"] for r in records])
+        out = {"accuracy": metrics.accuracy(pred, labels), "examples": float(len(records))}
+        majority = torch.bincount(labels, minlength=len(LABELS)).max().item() / len(records)
+        out["accuracy_majority"] = float(majority)
+        return out
+
+    def write_predictions(self, records: list[dict]):
+        path = self.predictions_path("csv")
+        with open(path, "w") as handle:
+            handle.write("pair_id,prediction,label\n")
+            handle.writelines(f"{r['pair_id']},{LABELS[r['prediction']]},{LABELS[r['label']]}\n" for r in records)
+        return path
