@@ -80,7 +80,10 @@ class ManagerTower(nn.Module):
                 module.apply(init_new_weights)
         self.activation_checkpointing = cfg.activation_checkpointing
         if cfg.activation_checkpointing:
-            self.text_expert.encoder.gradient_checkpointing_enable({"use_reentrant": False})
+            encoder = self.text_expert.encoder
+            # transformers 5 renamed the method (the old name still works there, with a FutureWarning)
+            enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
             self.vision_expert.visual.set_grad_checkpointing(True)
         if cfg.compile:
             for layer in [*self.text_layers, *self.image_layers]:
