@@ -81,23 +81,48 @@ def gpu_info() -> dict:
     return info
 
 
-def find_shards(spec: str) -> list[str]:
-    """A directory (its *.tar, at any depth), a glob, or one tar; comma-separated for several."""
+def split_shard_spec(spec: str) -> list[str]:
+    """'[a/*.tar,b/{0..3}.tar]' or 'a,b' (a recipe's list override, or plain) -> entries; commas inside braces stay."""
+    spec = spec.strip()
+    if spec.startswith("[") and spec.endswith("]"):
+        spec = spec[1:-1]
+    entries, depth, current = [], 0, ""
+    for char in spec:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            entries.append(current)
+            current = ""
+        else:
+            current += char
+    entries.append(current)
+    return [entry.strip().strip("'\"") for entry in entries if entry.strip().strip("'\"")]
+
+
+def find_shards(spec: str) -> tuple[list[str], list[str]]:
+    """Shard paths the way training finds them (managertower.data.shards.expand_shards: a folder, a glob, a brace
+    range, several of them); a folder without tars of its own is searched below (a whole shard root).
+    -> (paths, problems)."""
+    from managertower.data.shards import expand_shards
+
     found: list[str] = []
-    for part in filter(None, (item.strip() for item in spec.split(","))):
-        if os.path.isdir(part):
-            found += glob.glob(os.path.join(part, "**", "*.tar"), recursive=True)
-        elif any(char in part for char in "*?["):
-            found += glob.glob(part, recursive=True)
-        elif os.path.exists(part):
-            found.append(part)
-    return sorted(set(found))
+    problems: list[str] = []
+    for entry in split_shard_spec(spec):
+        if os.path.isdir(entry) and not glob.glob(os.path.join(entry, "*.tar")):
+            found += glob.glob(os.path.join(entry, "**", "*.tar"), recursive=True)
+            continue
+        try:
+            found += expand_shards(entry)
+        except FileNotFoundError as error:
+            problems.append(str(error).split(";")[0])
+    return sorted(set(found)), problems
 
 
 def check_shards(spec: str) -> dict:
-    shards = find_shards(spec)
+    shards, problems = find_shards(spec)
+    if problems:
+        return {"ok": False, "detail": "; ".join(problems)}
     if not shards:
-        return {"ok": False, "detail": f"no .tar shards under {spec}"}
+        return {"ok": False, "detail": f"no .tar shards match {spec} (python -m dataprep writes them)"}
     bad = []
     for path in shards:
         try:
@@ -143,7 +168,7 @@ def _report_command(args, token: str) -> list[str]:
     if args.run_dir:
         command += ["--run-dir", os.path.abspath(args.run_dir)]
     if args.shards:
-        command += ["--shards", ",".join(os.path.abspath(p) for p in args.shards.split(","))]
+        command += ["--shards", ",".join(os.path.abspath(p) for p in split_shard_spec(args.shards))]
     return command
 
 
