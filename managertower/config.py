@@ -224,6 +224,7 @@ class TaskConfig:
     augment: bool = True
     retrieval_topk: int = 128
     itc_dim: int = 256
+    head_lr_mult: float = 0.0  # lr x of the task's new heads; 0: SPEC §3 Table 9 (VQA 50, NLVR2/SNLI-VE 10, ITC/ITM 5)
 
     def __post_init__(self) -> None:
         _check_choice("task.name", self.name, ("pretrain", "vqav2", "nlvr2", "snli_ve", "flickr30k", "coco"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import dist
 from ..config import Config
@@ -108,6 +109,9 @@ class RetrievalTask(FinetuneTask):
         self.itc_head.text_proj.apply(init_new_weights)
         self.itc_head.image_proj.apply(init_new_weights)
         self.itm_head.apply(init_new_weights)
+        # DeepSpeed broadcasts parameters as bytes (`p.data.view(torch.uint8)`), which a 0-dim tensor cannot do:
+        # keep the temperature as a 1-element vector (ITCHead's own is a scalar).
+        self.itc_head.log_temperature = nn.Parameter(self.itc_head.log_temperature.detach().reshape(1))
 
     # --- data ---------------------------------------------------------------------------------------------
     def expand(self, meta: dict) -> list[dict]:
@@ -235,8 +239,8 @@ class RetrievalTask(FinetuneTask):
             pairs.setdefault((int(t), int(text_top[t, g])), []).append(("ir", int(t), int(g)))
         for g, s in zip(*torch.nonzero(mine[:, None].expand_as(image_top), as_tuple=True)):
             pairs.setdefault((int(image_top[g, s]), int(g)), []).append(("tr", int(g), int(s)))
-        ordered = sorted(pairs, key=lambda pair: (pair[1], pair[0]))  # by picture: few distinct texts per chunk
-        chunk = max(1, 2 * batch_size)
+        ordered = sorted(pairs, key=lambda pair: (pair[1], pair[0]))
+        chunk = max(128, 8 * batch_size)  # pairs per fusion call, sorted by picture: few distinct texts each
         local_layers = torch.cat(image_layers) if image_layers else None
         for start in range(0, len(ordered), chunk):
             part = ordered[start:start + chunk]

@@ -1,0 +1,104 @@
+"""Fine-tune ManagerTower on VQAv2, NLVR2, SNLI-VE or Flickr30K / COCO retrieval (SPEC §3).
+
+Every launch mode runs this same entry point:
+
+    python -m finetune --task vqav2 --from runs/pretrain run.dir=runs/ft/vqa          # one process
+    python -m finetune --task nlvr2 --config finetune/configs/tiny_nlvr2.yaml --from runs/demo/pretrain
+    deepspeed --num_gpus 8 --module finetune --task flickr30k --from ckpt.pt           # one node, 8 ranks
+    torchrun --nproc_per_node 8 -m finetune --task snli_ve --from ckpt.pt
+    python -m finetune.batch finetune/jobs/paper.yaml                                  # the paper's whole batch
+
+--config defaults to finetune/configs/TASK.yaml (the paper's recipe). --from is a pre-trained checkpoint: a
+pre-training run folder, a DeepSpeed step-N folder, or the fp32 file `python -m pretrain export RUN` writes
+(the vision position embeddings are resized to the task's resolution; the task's heads start new). Without
+--from the tower starts from the recipe's experts and a random cross-modal encoder.
+Overrides are dotted recipe keys (`train.lr=1e-5 task.epochs=1`); `--print-keys` lists them.
+`checkpoint.resume=auto` (the default) continues a killed run from its newest checkpoint in RUN/checkpoints.
+Outputs in RUN (run.dir, default runs/finetune/TASK): metrics.jsonl, summary.json (with the final metrics),
+tensorboard/, checkpoints/ and the predictions file of the eval split (VQAv2 server JSON, NLVR2 CSV, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from managertower.config import ConfigError, _all_keys, load_config
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+TASK_NAMES = ("vqav2", "nlvr2", "snli_ve", "flickr30k", "coco")
+
+
+def default_recipe(task: str) -> str:
+    return os.path.join(CONFIG_DIR, f"{task}.yaml")
+
+
+def build_config(task: str | None, config: str | None, init_from: str | None, overrides: list[str]):
+    """The effective config: recipe (default finetune/configs/TASK.yaml), then --task / --from, then overrides."""
+    if task is not None and task not in TASK_NAMES:
+        raise ConfigError(f"--task {task!r} is not one of {', '.join(TASK_NAMES)}")
+    if config is None:
+        if task is None:
+            raise ConfigError("give --task (one of " + ", ".join(TASK_NAMES) + ") or --config RECIPE")
+        config = default_recipe(task)
+    head: list[str] = []
+    if task is not None:
+        head.append(f"task.name={task}")
+    if init_from is not None:
+        if not os.path.exists(init_from):
+            raise ConfigError(f"--from {init_from!r} does not exist: give a pre-training run folder, a step-N "
+                              "folder or an exported .pt file")
+        head.append(f"checkpoint.init_from={init_from}")
+    cfg = load_config(config, head + list(overrides))
+    if cfg.task.name not in TASK_NAMES:
+        raise ConfigError(f"{config} sets task.name={cfg.task.name!r}; fine-tuning needs one of {', '.join(TASK_NAMES)}"
+                          " (--task T)")
+    if task is not None and cfg.task.name != task:
+        raise ConfigError(f"--task {task} but the overrides set task.name={cfg.task.name}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=TASK_NAMES, help="the task (picks the default recipe)")
+    parser.add_argument("--config", help="a recipe YAML (default finetune/configs/TASK.yaml)")
+    parser.add_argument("--from", dest="init_from", help="pre-trained checkpoint: run folder, step-N folder or .pt")
+    parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    parser.add_argument("--print-keys", action="store_true", help="list every override key and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-5")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.print_keys:
+        print("\n".join(_all_keys()))
+        return 0
+    try:
+        cfg = build_config(args.task, args.config, args.init_from, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    summary = run(cfg)
+    return 0 if summary else (2 if summary is None else 1)
+
+
+def run(cfg) -> dict | None:
+    """Fine-tune with `cfg`; returns the run's summary (None after a user error, already printed)."""
+    from managertower.engine.loop import Trainer
+    from managertower.model import ApexMissingError
+    from managertower.tasks import build_task
+
+    try:
+        task = build_task(cfg)
+        return Trainer(cfg, task).fit()
+    except (ConfigError, ApexMissingError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Run a batch of fine-tuning jobs (tasks x seeds x learning rates) and tabulate the results like Table 3.
+
+    python -m finetune.batch finetune/jobs/demo.yaml                       # every job in turn, here
+    python -m finetune.batch finetune/jobs/paper.yaml --dry-run            # the expanded jobs and commands
+    python -m finetune.batch JOBS.yaml --count                             # how many jobs (for --array)
+    python -m finetune.batch JOBS.yaml --array-index 3                     # job 3 only (a SLURM array task)
+    python -m finetune.batch JOBS.yaml --submit                            # sbatch --array=0-(n-1) ...
+    python -m finetune.batch JOBS.yaml --out runs/x init_from=ckpt.pt shards=/data/shards   # set ${vars}
+
+A jobs file (see finetune/jobs/*.yaml):
+
+    vars: {shards: runs/demo/shards, init_from: runs/demo/pretrain/export/model_fp32.pt}   # ${name} anywhere
+    out: runs/demo/finetune          # the batch folder: one run folder per job, results.json, results.md
+    init_from: ${init_from}          # --from of every job ("none": no pre-trained checkpoint)
+    num_gpus: 2                      # ranks per job: 1 runs in this process, N > 1 via `deepspeed --num_gpus N`
+    seeds: [0]                       # every job x every seed ...
+    overrides: [train.log_every=10]  # ... with these overrides (a job's own come after)
+    jobs:
+      - {task: vqav2, config: finetune/configs/tiny_vqav2.yaml, lr: [1e-4, 2e-4], overrides: [...]}
+
+Each job's run folder is OUT/TASK-seedS[-lrLR]; a job whose summary.json says it finished (steps == total) is
+skipped, and a job that was killed resumes from its newest checkpoint (checkpoint.resume=auto). After every
+job the batch rewrites OUT/results.json (task, split, metric, value, checkpoint, seed, lr, wall_s, ...) and
+OUT/results.md (task | split | metric | value | checkpoint | wall time) from every finished job's summary.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SBATCH_SCRIPT = "cluster/slurm/finetune_array.sbatch"
+# The numbers each task reports in the results table (Table 3's columns), in order.
+HEADLINE = {
+    "vqav2": ("vqa_score",),
+    "nlvr2": ("accuracy",),
+    "snli_ve": ("accuracy",),
+    "flickr30k": ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10"),
+    "coco": ("ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10"),
+}
+
+
+class JobsError(ValueError):
+    """A jobs file or argument the user can fix; the message says how."""
+
+
+@dataclass
+class Job:
+    index: int
+    name: str
+    task: str
+    config: str
+    seed: int
+    lr: float | None
+    init_from: str | None
+    overrides: list[str]
+    run_dir: Path
+    num_gpus: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def arguments(self) -> list[str]:
+        """The `python -m finetune` arguments of this job."""
+        args = ["--task", self.task, "--config", self.config]
+        if self.init_from:
+            args += ["--from", self.init_from]
+        args += [f"run.dir={self.run_dir}", f"train.seed={self.seed}"]
+        if self.lr is not None:
+            args.append(f"train.lr={self.lr}")
+        return args + list(self.overrides)
+
+
+# ------------------------------------------------------------------------------------------- jobs file
+
+
+def _substitute(value, variables: dict):
+    if isinstance(value, str):
+        def replace(match):
+            name = match.group(1)
+            if name not in variables:
+                raise JobsError(f"${{{name}}} is not defined: add it under vars: in the jobs file or pass {name}=VALUE")
+            return str(variables[name])
+
+        return re.sub(r"\$\{(\w+)\}", replace, value)
+    if isinstance(value, list):
+        return [_substitute(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables) for k, v in value.items()}
+    return value
+
+
+def _as_list(value, what: str) -> list:
+    if value is None:
+        return [None]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise JobsError(f"{what} is an empty list")
+        return list(value)
+    return [value]
+
+
+def load_jobs(path: str, out: str | None = None, variables: dict | None = None,
+              num_gpus: int | None = None) -> tuple[list[Job], Path]:
+    """Expand a jobs file into its jobs (in order: entries x seeds x learning rates) and the batch folder."""
+    if not os.path.exists(path):
+        raise JobsError(f"jobs file {path!r} does not exist (see finetune/jobs/)")
+    with open(path) as handle:
+        try:
+            spec = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise JobsError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("jobs"), list) or not spec["jobs"]:
+        raise JobsError(f"{path} needs a non-empty `jobs:` list (see finetune/jobs/demo.yaml)")
+    known = {"vars", "out", "init_from", "num_gpus", "seeds", "lr", "overrides", "jobs"}
+    unknown = set(spec) - known
+    if unknown:
+        raise JobsError(f"{path}: unknown keys {sorted(unknown)}; the keys are {sorted(known)}")
+    merged_vars = {k: str(v) for k, v in (spec.get("vars") or {}).items()}
+    merged_vars.update(variables or {})
+    spec = _substitute({k: v for k, v in spec.items() if k != "vars"}, merged_vars)
+    out_dir = Path(out or spec.get("out") or "runs/finetune-batch")
+    default_ranks = int(num_gpus or spec.get("num_gpus") or 1)
+    jobs: list[Job] = []
+    names: set[str] = set()
+    for number, entry in enumerate(spec["jobs"]):
+        if not isinstance(entry, dict) or "task" not in entry:
+            raise JobsError(f"{path}: jobs[{number}] needs at least `task:` (and usually `config:`)")
+        unknown = set(entry) - {"task", "config", "seeds", "lr", "init_from", "overrides", "num_gpus", "name"}
+        if unknown:
+            raise JobsError(f"{path}: jobs[{number}] has unknown keys {sorted(unknown)}")
+        task = str(entry["task"])
+        config = str(entry.get("config") or f"finetune/configs/{task}.yaml")
+        if not os.path.isabs(config) and not os.path.exists(config) and (REPO / config).exists():
+            config = str(REPO / config)
+        init_from = entry.get("init_from", spec.get("init_from"))
+        init_from = None if init_from in (None, "", "none", "None") else str(init_from)
+        seeds = _as_list(entry.get("seeds", spec.get("seeds", [0])), f"jobs[{number}].seeds")
+        lrs = _as_list(entry.get("lr", spec.get("lr")), f"jobs[{number}].lr")
+        overrides = [str(o) for o in (spec.get("overrides") or []) + (entry.get("overrides") or [])]
+        for seed, lr in itertools.product(seeds, lrs):
+            seed = 0 if seed is None else int(seed)
+            lr = None if lr is None else float(lr)
+            name = str(entry.get("name") or task) + f"-seed{seed}" + ("" if lr is None else f"-lr{lr:g}")
+            if name in names:
+                raise JobsError(f"{path}: two jobs are both named {name}; give one a `name:`")
+            names.add(name)
+            jobs.append(Job(len(jobs), name, task, config, seed, lr, init_from, overrides, out_dir / name,
+                            int(entry.get("num_gpus", default_ranks))))
+    return jobs, out_dir
+
+
+# -------------------------------------------------------------------------------------------- running
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def is_complete(run_dir: Path) -> bool:
+    summary = read_summary(run_dir)
+    return bool(summary) and not summary.get("preempted") and summary.get("steps") == summary.get("total_steps")
+
+
+def rank_env(ranks: int) -> dict:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else env.get("DS_ACCELERATOR", "cuda"))
+    if env.get("DS_ACCELERATOR") == "cpu":
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // max(1, ranks)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def job_command(job: Job, port: int | None = None) -> list[str]:
+    if job.num_gpus <= 1:
+        return [sys.executable, "-m", "finetune", *job.arguments()]
+    port = port or 29500 + (os.getpid() + 17 * job.index) % 2000
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(job.num_gpus), "--master_port",
+            str(port), "--module", "finetune", *job.arguments()]
+
+
+def run_job(job: Job, in_process: bool) -> int:
+    """Run (or resume) one job; returns its exit code."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    if in_process and job.num_gpus <= 1:
+        from finetune.__main__ import main as finetune_main
+
+        print(f"$ python -m finetune {' '.join(job.arguments())}", flush=True)
+        return finetune_main(job.arguments())
+    command = job_command(job)
+    print("$ " + " ".join(command), flush=True)
+    with open(job.run_dir / "launch.log", "a") as log:
+        process = subprocess.Popen(command, env=rank_env(job.num_gpus), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:  # echo and keep the job's output
+            sys.stdout.write(line)
+            log.write(line)
+        return process.wait()
+
+
+# -------------------------------------------------------------------------------------------- results
+
+
+def job_rows(job: Job) -> list[dict]:
+    summary = read_summary(job.run_dir)
+    if not summary:
+        return []
+    config_file = job.run_dir / "config.yaml"
+    split, lr = "", job.lr
+    if config_file.exists():
+        cfg = yaml.safe_load(config_file.read_text()) or {}
+        split = (cfg.get("task") or {}).get("eval_split", "")
+        lr = lr if lr is not None else (cfg.get("train") or {}).get("lr")
+    rows = []
+    for metric in HEADLINE.get(job.task, ()):
+        if metric in summary:
+            rows.append({"task": job.task, "split": split, "metric": metric, "value": float(summary[metric]),
+                         "checkpoint": job.init_from or "none", "seed": job.seed, "lr": lr,
+                         "wall_s": summary.get("wall_s"), "steps": summary.get("steps"), "job": job.name,
+                         "run_dir": str(job.run_dir)})
+    if not rows:  # e.g. VQAv2 test-dev: predictions for the server, no score here
+        rows.append({"task": job.task, "split": split, "metric": "predictions", "value": None,
+                     "checkpoint": job.init_from or "none", "seed": job.seed, "lr": lr,
+                     "wall_s": summary.get("wall_s"), "steps": summary.get("steps"), "job": job.name,
+                     "run_dir": str(job.run_dir)})
+    return rows
+
+
+def results_table(rows: list[dict]) -> str:
+    """Markdown, shaped like the paper's Table 3: task | split | metric | value | checkpoint | wall time."""
+    lines = ["| task | split | metric | value | checkpoint | seed | lr | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        value = "-" if row["value"] is None else f"{100 * row['value']:.2f}"
+        wall = "-" if row.get("wall_s") is None else f"{float(row['wall_s']):.0f} s"
+        lr = "-" if row.get("lr") is None else f"{float(row['lr']):g}"
+        lines.append(f"| {row['task']} | {row['split']} | {row['metric']} | {value} | {row['checkpoint']} | "
+                     f"{row['seed']} | {lr} | {wall} |")
+    return "\n".join(lines)
+
+
+def write_results(jobs: list[Job], out_dir: Path) -> list[dict]:
+    rows = [row for job in jobs for row in job_rows(job)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("results.json", json.dumps(rows, indent=1)),
+                       ("results.md", "Values are percentages (VQA score, accuracy, recall@K).\n\n"
+                        + results_table(rows) + "\n")):
+        tmp = out_dir / f".{name}.{os.getpid()}.tmp"  # array tasks may write at once: whole files only
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / name)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.batch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("jobs_file")
+    parser.add_argument("--out", help="the batch folder (default: the jobs file's out:)")
+    parser.add_argument("--array-index", type=int, default=None, help="run only job I (a SLURM array task)")
+    parser.add_argument("--dry-run", action="store_true", help="print the jobs and their commands")
+    parser.add_argument("--count", action="store_true", help="print the number of jobs")
+    parser.add_argument("--submit", action="store_true", help=f"sbatch --array=0-(n-1) {SBATCH_SCRIPT} JOBS")
+    parser.add_argument("--num-gpus", type=int, default=None, help="ranks per job (overrides num_gpus:)")
+    parser.add_argument("--subprocess", action="store_true", help="launch one-rank jobs as subprocesses too")
+    parser.add_argument("variables", nargs="*", help="NAME=VALUE: set a ${NAME} of the jobs file")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    try:
+        variables = {}
+        for item in args.variables:
+            if "=" not in item:
+                raise JobsError(f"{item!r}: variables are NAME=VALUE (e.g. init_from=runs/pretrain)")
+            key, _, value = item.partition("=")
+            variables[key.strip()] = value
+        jobs, out_dir = load_jobs(args.jobs_file, args.out, variables, args.num_gpus)
+        if args.array_index is not None and not 0 <= args.array_index < len(jobs):
+            raise JobsError(f"--array-index {args.array_index} is outside 0..{len(jobs) - 1} ({len(jobs)} jobs)")
+    except JobsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.count:
+        print(len(jobs))
+        return 0
+    if args.submit:
+        return submit(args, jobs)
+    chosen = jobs if args.array_index is None else [jobs[args.array_index]]
+    if args.dry_run:
+        print(f"{len(jobs)} jobs -> {out_dir}")
+        for job in chosen:
+            state = "done" if is_complete(job.run_dir) else "to run"
+            print(f"[{job.index}] {job.name} ({state}, {job.num_gpus} rank{'s' if job.num_gpus > 1 else ''})\n    "
+                  + " ".join(job_command(job)))
+        return 0
+    failed = []
+    for job in chosen:
+        started = time.time()
+        if is_complete(job.run_dir):
+            print(f"[{job.index}] {job.name}: complete, skipped ({job.run_dir / 'summary.json'})", flush=True)
+        else:
+            print(f"\n=== [{job.index + 1}/{len(jobs)}] {job.name} ===", flush=True)
+            code = run_job(job, in_process=not args.subprocess)
+            if code != 0 or not is_complete(job.run_dir):
+                failed.append(job.name)
+                print(f"[{job.index}] {job.name}: exit code {code} after {time.time() - started:.0f} s"
+                      + ("" if code else " (stopped before its last step: run the batch again to resume)"),
+                      file=sys.stderr, flush=True)
+        write_results(jobs, out_dir)
+    rows = write_results(jobs, out_dir)
+    print("\n" + results_table(rows))
+    print(f"\nresults: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+    if failed:
+        print(f"unfinished jobs: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def submit(args, jobs: list[Job]) -> int:
+    if shutil.which("sbatch") is None:
+        print("error: sbatch is not on PATH: --submit needs SLURM (or run the jobs here without --submit)",
+              file=sys.stderr)
+        return 2
+    extra = [] if args.out is None else ["--out", args.out]
+    if args.num_gpus is not None:
+        extra += ["--num-gpus", str(args.num_gpus)]
+    extra += list(args.variables)
+    command = ["sbatch", f"--array=0-{len(jobs) - 1}", SBATCH_SCRIPT, args.jobs_file, *extra]
+    print("$ " + " ".join(command), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.run(command).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

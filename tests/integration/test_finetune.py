@@ -1,0 +1,144 @@
+"""Fine-tuning end to end with the real engine, DALI and the DeepSpeed launcher, on the synthetic world (CPU).
+
+- A job killed with SIGKILL mid-way (launcher and both gloo ranks) and relaunched through the batch runner
+  continues from its checkpoint; a finished job is skipped.
+- From a pre-trained checkpoint (pre-trained here, once per session: `python -m pretrain` tiny on the
+  synthetic COCO shards, exported to fp32), every task reaches its target on the held-out split:
+  VQAv2 >= 2 x the majority-answer score, NLVR2 >= 0.65, SNLI-VE >= 0.55, retrieval IR R@1 >= 5 x chance.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, rank_env
+
+# The schedules of these tests (the tiny recipes' own are for the demo). MT_FT_* variables scale them.
+PRETRAIN_STEPS = int(os.environ.get("MT_FT_PRETRAIN_STEPS", "150"))
+FINETUNE_STEPS = int(os.environ.get("MT_FT_STEPS", "120"))
+TASKS = ("vqav2", "nlvr2", "snli_ve", "flickr30k")
+EVAL_SPLIT = {"vqav2": "val", "nlvr2": "dev", "snli_ve": "dev", "flickr30k": "test", "coco": "test"}
+
+
+def jobs_yaml(path: Path, out: Path, shards: Path, init_from: str, tasks, num_gpus: int, overrides=()) -> Path:
+    lines = [f"out: {out}", f"init_from: {init_from}", f"num_gpus: {num_gpus}", "seeds: [0]",
+             f"overrides: {json.dumps(['run.progress=false', *overrides])}", "jobs:"]
+    for task in tasks:
+        split = EVAL_SPLIT[task]
+        lines += [f"  - task: {task}", f"    config: {REPO}/finetune/configs/tiny_{task}.yaml",
+                  f"    overrides: [\"task.train_shards=[{shards}/{task}/train-*.tar]\", "
+                  f"\"task.eval_shards=[{shards}/{task}/{split}-*.tar]\"]"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def metric_rows(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {row["step"]: row for row in rows if "loss" in row}
+
+
+def _wait_for(predicate, process, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"run ended (code {process.returncode}) before the awaited state")
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for the run")
+
+
+# ------------------------------------------------------------------------------------------ kill + resume
+
+
+def test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped(demo_shards, tmp_path, capsys):
+    steps, every = 8, 3
+    out = tmp_path / "batch"
+    jobs = jobs_yaml(tmp_path / "jobs.yaml", out, demo_shards, "none", ["snli_ve"], num_gpus=2,
+                     overrides=[f"train.steps={steps}", f"checkpoint.every={every}", "train.log_every=1",
+                                "checkpoint.keep=5"])
+    command = [sys.executable, "-m", "finetune.batch", str(jobs)]
+    run_dir = out / "snli_ve-seed0"
+    process = subprocess.Popen(command, cwd=REPO, env=rank_env(2), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # past the first checkpoint and into the next steps, then kill batch, launcher and ranks at once
+        _wait_for(lambda: (run_dir / f"checkpoints/step-{every}/COMPLETE").exists()
+                  and (run_dir / "metrics.jsonl").exists() and max(metric_rows(run_dir), default=0) >= every + 1,
+                  process, timeout=400)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed_at = max(metric_rows(run_dir))
+    assert every < killed_at < steps and not (run_dir / "summary.json").exists()
+    result = subprocess.run(command, cwd=REPO, env=rank_env(2), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed_from = max(s for s in (every, 2 * every) if (run_dir / f"checkpoints/step-{s}").exists() and s <= killed_at)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{resumed_from}'}" in result.stdout
+    rows = metric_rows(run_dir)
+    assert sorted(rows) == list(range(1, steps + 1))  # metrics.jsonl continues from the checkpoint step
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == summary["total_steps"] == steps and "accuracy" in summary
+    assert (run_dir / "predictions_snli_ve_dev.csv").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["task"], r["split"], r["metric"]) for r in results] == [("snli_ve", "dev", "accuracy")]
+    assert results[0]["value"] == pytest.approx(summary["accuracy"]) and results[0]["checkpoint"] == "none"
+    from finetune import batch
+
+    assert batch.main([str(jobs)]) == 0  # in this process: the finished job is skipped, nothing starts
+    assert "complete, skipped" in capsys.readouterr().out
+    assert "| snli_ve | dev | accuracy |" in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------------- from a pre-trained tower
+
+
+@pytest.fixture(scope="session")
+def pretrained(demo_shards, tmp_path_factory) -> Path:
+    """A tiny tower pre-trained (MLM + ITM) on the synthetic COCO shards, exported to one fp32 file."""
+    run_dir = tmp_path_factory.mktemp("pretrained")
+    env = rank_env(1)
+    args = ["--config", str(REPO / "pretrain/configs/tiny.yaml"), f"run.dir={run_dir}",
+            f"data.train_shards=[{demo_shards}/coco/train-*.tar]", f"data.val_shards=[{demo_shards}/coco/test-*.tar]",
+            f"train.steps={PRETRAIN_STEPS}", "train.global_batch=32", "train.micro_batch=32", "train.eval_every=0",
+            "train.eval_batches=2", f"checkpoint.every={PRETRAIN_STEPS}", "run.progress=false"]
+    result = subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    export = run_dir / "export" / "model_fp32.pt"
+    result = subprocess.run([sys.executable, "-m", "pretrain", "export", str(run_dir), "--out", str(export)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return export
+
+
+def _batch(demo_shards: Path, tmp_path: Path, init_from: str) -> dict[tuple[str, str], float]:
+    from finetune import batch
+
+    out = tmp_path / "batch"
+    jobs = jobs_yaml(tmp_path / "jobs.yaml", out, demo_shards, init_from, TASKS, num_gpus=1,
+                     overrides=[f"train.steps={FINETUNE_STEPS}", f"checkpoint.every={FINETUNE_STEPS}"])
+    assert batch.main([str(jobs)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    print((out / "results.md").read_text())
+    values = {(r["task"], r["metric"]): r["value"] for r in rows}
+    for task in TASKS:
+        summary = json.loads((out / f"{task}-seed0" / "summary.json").read_text())
+        values.update({(task, k): v for k, v in summary.items() if isinstance(v, float)})
+    return values
+
+
+def test_finetuning_from_a_pretrained_checkpoint_reaches_the_targets(pretrained, demo_shards, tmp_path):
+    values = _batch(demo_shards, tmp_path, str(pretrained))
+    assert values[("vqav2", "vqa_score")] >= 2 * values[("vqav2", "vqa_score_majority")]
+    assert values[("nlvr2", "accuracy")] >= 0.65
+    assert values[("snli_ve", "accuracy")] >= 0.55
+    chance = 1 / values[("flickr30k", "images")]
+    assert values[("flickr30k", "ir_r1")] >= 5 * chance
