@@ -2,9 +2,10 @@
 
     python -m cluster.signal_ranks --tag $SLURM_JOB_ID --signal USR1
 
-A rank is a process whose environment has MT_LAUNCH_TAG=TAG (cluster.launch sets it) and LOCAL_RANK (the
-per-node launcher sets it), and whose parent has no LOCAL_RANK: that leaves out the launchers above the ranks,
-which would die of SIGUSR1, and the data-loader workers below them. The training loop saves a checkpoint at
+A rank is a process whose environment has MT_LAUNCH_TAG=TAG (cluster.launch and the sbatch scripts set it) and
+LOCAL_RANK (the per-node launcher sets it), and whose parent has no LOCAL_RANK: that leaves out the launchers
+above the ranks, which would die of SIGUSR1, and the data-loader workers below them. A job that trains in its
+own process (no launcher, so no LOCAL_RANK) marks that process with MT_TRAINER_PROCESS=1 instead. The training loop saves a checkpoint at
 the next step boundary on SIGUSR1 or SIGTERM and exits 0; the launchers then exit on their own.
 Prints one line per process signalled; exits 1 when it found no rank.
 """
@@ -35,21 +36,32 @@ def _parent(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])  # the command name may hold spaces and ')'
 
 
-def find_ranks(tag: str) -> list[int]:
-    ranks = []
+def _tagged(tag: str) -> dict[int, dict[str, str]]:
+    found = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        pid = int(entry)
-        environ = _environ(pid)
-        if not environ or environ.get("MT_LAUNCH_TAG") != tag or "LOCAL_RANK" not in environ:
-            continue
-        parent = _parent(pid)
-        parent_environ = _environ(parent) if parent else None
-        if parent_environ is not None and "LOCAL_RANK" in parent_environ:
-            continue  # a data-loader worker or another child of a rank
-        ranks.append(pid)
-    return sorted(ranks)
+        if entry.isdigit() and int(entry) != os.getpid():
+            environ = _environ(int(entry))
+            if environ and environ.get("MT_LAUNCH_TAG") == tag:
+                found[int(entry)] = environ
+    return found
+
+
+def find_ranks(tag: str) -> list[int]:
+    """Tagged processes with LOCAL_RANK whose parent has none (the ranks a launcher started); where there are
+    none, tagged processes with MT_TRAINER_PROCESS=1 whose parent has none (a job that trains in-process)."""
+    tagged = _tagged(tag)
+    for marker in ("LOCAL_RANK", "MT_TRAINER_PROCESS"):
+        chosen = []
+        for pid, environ in tagged.items():
+            if marker not in environ:
+                continue
+            parent = _parent(pid)
+            parent_environ = tagged.get(parent) or (_environ(parent) if parent else None) or {}
+            if marker not in parent_environ:  # not a data-loader worker or another child of a rank
+                chosen.append(pid)
+        if chosen:
+            return sorted(chosen)
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:

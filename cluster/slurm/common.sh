@@ -30,7 +30,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export MT_LAUNCH_TAG=${SLURM_JOB_ID:-$$}
 # A rank is a process with LOCAL_RANK (cluster.signal_ranks); this shell and srun must not look like one.
-unset LOCAL_RANK RANK WORLD_SIZE LOCAL_WORLD_SIZE
+unset LOCAL_RANK RANK WORLD_SIZE LOCAL_WORLD_SIZE MT_TRAINER_PROCESS
 MT_MAX_RESTARTS=${MT_MAX_RESTARTS:-50}
 
 mt_job_banner() {

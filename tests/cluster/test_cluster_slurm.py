@@ -1,13 +1,14 @@
-"""cluster/slurm/pretrain.sbatch on the one-host SLURM cluster: a two-rank tiny pre-training run, and the two
-requeue paths (SLURM's `scontrol requeue` from outside; SIGUSR1 before the time limit, when the job requeues
-itself) each continuing from its checkpoint instead of starting over."""
+"""cluster/slurm/pretrain.sbatch on the one-host SLURM cluster: a two-rank tiny pre-training run under each
+per-node launcher, and the two requeue paths (SIGUSR1 before the time limit, when the job requeues itself;
+`scontrol requeue` from outside), each continuing from its checkpoint instead of starting over."""
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 
-from cluster_helpers import (assert_finished, job_fields, latest_step, metrics, pretrain_args, resumed_steps,
+from cluster_helpers import (PYTHON, REPO, assert_finished, job_fields, latest_step, metrics, pretrain_args, resumed_steps,
                              run_env, submit, wait_for, wait_for_job)
 
 pytestmark = pytest.mark.cluster
@@ -50,47 +51,70 @@ def test_pretrain_sbatch_two_ranks(slurm, slurm_jobs, shard_root, tmp_path, laun
     assert resumed_steps(text) == []
 
 
-def test_scontrol_requeue_resumes_from_checkpoint(slurm, slurm_jobs, shard_root, tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    steps, every = LONG_STEPS, 10
-    job = submit("cluster/slurm/pretrain.sbatch", pretrain_args(run_dir, shard_root, steps, every), log,
-                 _env(MT_PREFLIGHT="0"), SBATCH_OPTIONS)
-    slurm_jobs.append(job)
-    wait_for(_running_at_step(job, run_dir, every + 1), JOB_TIMEOUT, f"job {job} to train past step {every}",
-             on_timeout=lambda: "\n" + (log.read_text()[-4000:] if log.exists() else ""))
-    saved_before = latest_step(run_dir)
-    assert saved_before and saved_before >= every
-    requeue = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
-    assert requeue.returncode == 0, requeue.stderr
-    fields = wait_for_job(job, log, JOB_TIMEOUT)
-    text = log.read_text()
-    assert fields["JobState"] == "COMPLETED", f"{fields.get('JobState')}\n{text[-5000:]}"
-    assert int(fields["Restarts"]) >= 1, "the job was not requeued"
-    resumed = resumed_steps(text)
-    assert resumed, f"the requeued job started over instead of resuming\n{text[-5000:]}"
-    # SIGTERM from the requeue makes the ranks save at the next step boundary: at or after the last periodic save.
-    assert resumed[0] >= saved_before, (resumed, saved_before)
-    assert_finished(run_dir, steps, text)
-
-
-def test_usr1_before_time_limit_saves_and_requeues_itself(slurm, slurm_jobs, shard_root, tmp_path):
-    """What `#SBATCH --signal=B:USR1@180` does at the time limit, sent by hand: only a checkpoint saved on the
-    signal can be resumed from, since the periodic interval (100) is longer than the run."""
+def test_requeue_on_usr1_and_on_scontrol_requeue_resumes_from_checkpoint(slurm, slurm_jobs, shard_root, tmp_path):
+    """One job, interrupted twice while it trains, finishing on its third start:
+    1. SIGUSR1 to the batch shell, what `#SBATCH --signal=B:USR1@180` sends before the time limit (sent here by
+       hand): the ranks save at the next step boundary and exit, the job requeues itself. The periodic interval
+       (1000) is longer than the run, so resuming at all proves the checkpoint was saved on the signal.
+    2. `scontrol requeue` from outside (what an admin or preemption does): SLURM sends SIGTERM to every
+       process, the ranks save and exit, SLURM requeues the job.
+    Each start resumes from the step the previous one saved instead of starting over."""
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     steps = LONG_STEPS
     job = submit("cluster/slurm/pretrain.sbatch", pretrain_args(run_dir, shard_root, steps, 1000), log,
                  _env(MT_PREFLIGHT="0"), SBATCH_OPTIONS)
     slurm_jobs.append(job)
-    wait_for(_running_at_step(job, run_dir, 2), JOB_TIMEOUT, f"job {job} to train 2 steps",
-             on_timeout=lambda: "\n" + (log.read_text()[-4000:] if log.exists() else ""))
+    show_log = lambda: "\n" + (log.read_text()[-5000:] if log.exists() else "(no log)")  # noqa: E731
+
+    # 1. the time-limit warning
+    wait_for(_running_at_step(job, run_dir, 2), JOB_TIMEOUT, f"job {job} to train 2 steps", on_timeout=show_log)
     assert latest_step(run_dir) is None
-    signal = subprocess.run(["scancel", "--batch", "--signal=USR1", job], capture_output=True, text=True, timeout=30)
-    assert signal.returncode == 0, signal.stderr
+    usr1 = subprocess.run(["scancel", "--batch", "--signal=USR1", job], capture_output=True, text=True, timeout=30)
+    assert usr1.returncode == 0, usr1.stderr
+    wait_for(lambda: int(job_fields(job).get("Restarts", 0)) >= 1, JOB_TIMEOUT, f"job {job} to requeue itself",
+             on_timeout=show_log)
+    first_save = latest_step(run_dir)
+    assert first_save is not None and 2 <= first_save < steps, f"saved on SIGUSR1 at {first_save}{show_log()}"
+
+    # 2. scontrol requeue, once the second start trains past the step it resumed from
+    wait_for(_running_at_step(job, run_dir, first_save + 2), JOB_TIMEOUT, f"job {job} to train again",
+             on_timeout=show_log)
+    requeue = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
+    assert requeue.returncode == 0, requeue.stderr
+
     fields = wait_for_job(job, log, JOB_TIMEOUT)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED", f"{fields.get('JobState')}\n{text[-5000:]}"
-    assert int(fields["Restarts"]) == 1, f"expected one self-requeue\n{text[-5000:]}"
-    assert "sent SIGUSR1 to rank process" in text and "requeueing job" in text
+    assert int(fields["Restarts"]) == 2, f"expected two requeues, got {fields['Restarts']}\n{text[-5000:]}"
+    assert "sent SIGUSR1 to rank process" in text and f"requeueing job {job}" in text
+    assert "DUE TO JOB REQUEUE" in text
     resumed = resumed_steps(text)
-    assert len(resumed) == 1 and 2 <= resumed[0] < steps, f"resumed from {resumed}\n{text[-5000:]}"
+    assert len(resumed) == 2, f"expected two resumes, the log shows {resumed}\n{text[-5000:]}"
+    assert resumed[0] == first_save, (resumed, first_save)
+    assert first_save + 2 <= resumed[1] < steps, f"the second start did not resume where it stopped: {resumed}"
     assert_finished(run_dir, steps, text)
+
+
+def test_dataprep_array_parts_make_one_complete_folder(slurm, shard_root, tmp_path):
+    """cluster/slurm/dataprep_array.sbatch: two array tasks each convert their part of the synthetic COCO into
+    one output folder; the merged manifest is complete and every shard verifies."""
+    raw, out, log = shard_root.parent / "raw" / "coco", tmp_path / "coco", tmp_path / "dataprep-%a.out"
+    job = submit("cluster/slurm/dataprep_array.sbatch", ["coco", "--root", str(raw), "--out", str(out),
+                                                         "--samples-per-shard", "50"],
+                 log, run_env(), ["--array=0-1", "--cpus-per-task=1", "--time=10"])
+
+    def tasks_done():
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+        states = [dict(item.split("=", 1) for item in line.split() if "=" in item).get("JobState")
+                  for line in shown.stdout.splitlines() if line.strip()]
+        return states if len(states) == 2 and all(s in ("COMPLETED", "FAILED", "CANCELLED") for s in states) else None
+
+    states = wait_for(tasks_done, 180, f"array job {job}", interval=1.0)
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("dataprep-*.out")))
+    assert states == ["COMPLETED", "COMPLETED"], f"{states}\n{logs[-4000:]}"
+    assert "part 0/2" in logs and "part 1/2" in logs
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and not manifest["missing_parts"] and manifest["samples"] > 0, manifest
+    verify = subprocess.run([PYTHON, "-m", "dataprep", "verify", str(out)], capture_output=True, text=True,
+                            timeout=120, cwd=REPO, env=run_env())
+    assert verify.returncode == 0, verify.stdout + verify.stderr
