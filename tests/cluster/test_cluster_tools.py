@@ -3,7 +3,9 @@ preflight check run for real on this machine (and over pdsh on the two loopback 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tarfile
 
@@ -191,3 +193,46 @@ def test_preflight_over_pdsh_on_two_nodes(ssh_nodes, tmp_path):
     result, rows = _preflight("--hosts", f"{ssh_nodes[0]},mt-no-such-node", "--timeout", "60")
     assert result.returncode == 1 and rows["nodes answer"]["status"] == "FAIL"
     assert preflight.FAIL in rows["nodes answer"]["status"]
+
+
+def _process_tree(tmp_path, tag, rank_marker):
+    """launcher (tagged) -> rank (tagged + marker) -> worker (inherits both): like launch.py -> rank -> loader."""
+    script = tmp_path / "tree.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"env {rank_marker} bash -c 'sleep 60 & echo $! > {tmp_path}/worker; exec sleep 60' &\n"
+        f"echo $! > {tmp_path}/rank\n"
+        "wait\n")
+    env = dict(run_env(), MT_LAUNCH_TAG=tag)
+    launcher = subprocess.Popen(["bash", str(script)], env=env)
+    read = lambda name: int((tmp_path / name).read_text())  # noqa: E731
+    from cluster_helpers import wait_for
+
+    wait_for(lambda: (tmp_path / "rank").exists() and (tmp_path / "worker").exists()
+             and (tmp_path / "worker").read_text().strip(), 20, "the process tree")
+    return launcher, read("rank"), read("worker")
+
+
+@pytest.mark.parametrize("marker", ["LOCAL_RANK=0", "MT_TRAINER_PROCESS=1"])
+def test_signal_ranks_picks_the_ranks_not_launchers_or_workers(tmp_path, marker):
+    from cluster import signal_ranks
+
+    tag = f"test-{tmp_path.name}"
+    launcher, rank, worker = _process_tree(tmp_path, tag, marker)
+    try:
+        assert signal_ranks.find_ranks(tag) == [rank]
+        result = subprocess.run([PYTHON, "-m", "cluster.signal_ranks", "--tag", tag, "--signal", "TERM"],
+                                env=run_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and f"sent SIGTERM to rank process {rank}" in result.stdout
+        assert launcher.poll() is None or launcher.returncode == 0  # the launcher itself was not signalled
+        result = subprocess.run([PYTHON, "-m", "cluster.signal_ranks", "--tag", "no-such-tag"], env=run_env(),
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and "no rank process" in result.stdout
+    finally:
+        for pid in (worker, rank):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.kill()
+        launcher.wait()
