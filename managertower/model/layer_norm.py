@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 
-class ApexMissingError(RuntimeError):
-    pass
+
+class ApexMissingError(ConfigError, RuntimeError):
+    """model.layer_norm=apex without a working NVIDIA Apex. A ConfigError, so the doors print it as one line."""
 
 
 @functools.lru_cache(maxsize=1)

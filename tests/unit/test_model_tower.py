@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from managertower.config import MANAGER_KINDS, load_config
+from managertower.config import MANAGER_KINDS, ConfigError, load_config
 from managertower.model import ApexMissingError, ITMHead, LayerNorm, ManagerTower, MLMHead, layer_norm_class
 from managertower.model.layer_norm import apex_available, resolve_backend
 
@@ -252,8 +252,9 @@ def test_compile_runs_and_matches():
 def test_apex_missing_is_a_clear_error():
     if apex_available():
         pytest.skip("NVIDIA Apex is installed here")
-    with pytest.raises(ApexMissingError, match=r"model.layer_norm=apex.*not installed.*model.layer_norm=auto"):
+    with pytest.raises(ApexMissingError, match=r"model.layer_norm=apex.*not installed.*model.layer_norm=auto") as err:
         ManagerTower(tiny_cfg("model.layer_norm=apex"))
+    assert isinstance(err.value, ConfigError)  # the doors print ConfigErrors as one line
 
 
 def test_auto_backend_is_torch_on_cpu():
