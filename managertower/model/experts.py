@@ -119,6 +119,10 @@ class VisionExpert(nn.Module):
             vision_cfg, quick_gelu = dict(model_cfg["vision_cfg"]), model_cfg.get("quick_gelu", False)
             embed_dim = model_cfg["embed_dim"]
         vision_cfg.update(cfg.vision_config)
+        if cfg.vision_checkpoint is not None and cfg.vision_config:
+            raise ConfigError("model.vision_config changes the architecture, but model.vision_checkpoint is built "
+                              f"from open_clip's {cfg.vision_expert!r} config: drop model.vision_config, or register "
+                              "a matching config with open_clip.add_model_config and name it in model.vision_expert")
         if cfg.vision_checkpoint is not None:
             visual = _load_open_clip_visual(cfg.vision_expert, cfg.vision_checkpoint)
         else:

@@ -187,6 +187,15 @@ def test_vision_checkpoint_that_does_not_fit_is_a_config_error(tmp_path):
         ManagerTower(tiny_cfg(f"model.vision_expert={name}", f"model.vision_checkpoint={bad}"))
 
 
+def test_vision_config_with_a_checkpoint_is_a_config_error(tmp_path):
+    name = _register_tiny_clip(tmp_path, image_size=32)
+    checkpoint = tmp_path / "any.pt"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"model.vision_config changes the architecture.*drop model.vision_config"):
+        ManagerTower(tiny_cfg(f"model.vision_expert={name}", f"model.vision_checkpoint={checkpoint}",
+                              "model.vision_config={layers: 2}"))
+
+
 def test_base_vision_architecture_is_vit_b16_quickgelu():
     cfg = load_config(None, ["model.size=base"]).model
     assert cfg.vision_expert == "ViT-B-16-quickgelu"
