@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from cluster import signal_ranks
+from cluster_fixtures import deepspeed_cpu_ops, shard_root, ssh_nodes  # noqa: F401 (pytest fixtures)
 from cluster_helpers import (PYTHON, REPO, assert_finished, latest_step, metrics, pretrain_args, resumed_steps,
                              kill_tagged, run_env, wait_for)
 

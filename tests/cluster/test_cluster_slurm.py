@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from cluster_fixtures import deepspeed_cpu_ops, shard_root, slurm, slurm_jobs  # noqa: F401 (pytest fixtures)
 from cluster_helpers import (PYTHON, REPO, assert_finished, job_fields, latest_step, metrics, pretrain_args, resumed_steps,
                              run_env, submit, wait_for, wait_for_job)
 

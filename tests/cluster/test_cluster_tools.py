@@ -12,6 +12,7 @@ import tarfile
 import pytest
 
 from cluster import hostfile, launch, preflight
+from cluster_fixtures import ssh_nodes  # noqa: F401 (a pytest fixture)
 from cluster_helpers import PYTHON, REPO, run_env
 
 pytestmark = pytest.mark.cluster

@@ -1,5 +1,9 @@
-"""Fixtures of the cluster tests (helpers live in cluster_helpers.py). The services come from
-`bash cluster/ci/setup_services.sh`; a test that needs one skips, saying which, only where it is absent."""
+"""Fixtures of the cluster tests, imported by each test module (helpers live in cluster_helpers.py).
+
+Not a conftest.py: other test folders `from conftest import ...` the top-level one, and a second module named
+conftest would shadow it. A session fixture imported into several modules is set up once per module, so the
+expensive ones memoise their work for the session. The services come from `bash cluster/ci/setup_services.sh`;
+a test that needs one skips, saying which, only where it is absent."""
 from __future__ import annotations
 
 import subprocess
@@ -10,8 +14,7 @@ import pytest
 from cluster_helpers import NODES, PYTHON, REPO, job_fields, run_env, slurm_missing, ssh_nodes_missing
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cluster: needs (or tests) the cluster tooling: SLURM, sshd, pdsh, launchers")
+_memo: dict[str, object] = {}
 
 
 @pytest.fixture(scope="session")
@@ -33,22 +36,27 @@ def ssh_nodes():
 def deepspeed_cpu_ops():
     """DeepSpeed compiles its CPU shared-memory collective op the first time a rank starts on a machine (about a
     minute on two busy cores, cached in ~/.cache/torch_extensions); do it once here, not inside a timed job."""
+    if "ops" in _memo:
+        return
     build = subprocess.run(
         [PYTHON, "-c", "import importlib; importlib.import_module('deepspeed.comm.torch').build_shm_op()"],
         env=run_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, f"building DeepSpeed's CPU op failed:\n{build.stdout[-2000:]}{build.stderr[-3000:]}"
+    _memo["ops"] = True
 
 
 @pytest.fixture(scope="session")
 def shard_root(tmp_path_factory, deepspeed_cpu_ops) -> Path:
     """The synthetic world, sharded: SHARD_ROOT/coco/train-*.tar is what pre-training reads."""
-    from managertower.data import synthetic
+    if "shards" not in _memo:
+        from managertower.data import synthetic
 
-    base = tmp_path_factory.mktemp("cluster_world")
-    synthetic.write_world(str(base / "raw"), seed=0, size="small")
-    synthetic.shard_world(str(base / "raw"), str(base / "shards"), workers=1, summary=False)
-    assert sorted((base / "shards" / "coco").glob("train-*.tar")), "shard_world wrote no coco train shards"
-    return base / "shards"
+        base = tmp_path_factory.mktemp("cluster_world")
+        synthetic.write_world(str(base / "raw"), seed=0, size="small")
+        synthetic.shard_world(str(base / "raw"), str(base / "shards"), workers=1, summary=False)
+        assert sorted((base / "shards" / "coco").glob("train-*.tar")), "shard_world wrote no coco train shards"
+        _memo["shards"] = base / "shards"
+    return _memo["shards"]
 
 
 @pytest.fixture
