@@ -2,7 +2,7 @@
 
 - A job killed with SIGKILL mid-way (launcher and both gloo ranks) and relaunched through the batch runner
   continues from its checkpoint; a finished job is skipped.
-- From a pre-trained checkpoint (pre-trained here, once per session: `python -m pretrain` tiny on the
+- (MT_FT_ACCURACY=1, slow) From a pre-trained checkpoint (pre-trained here, once per session: `python -m pretrain` tiny on the
   synthetic COCO shards, exported to fp32), every task reaches its target on the held-out split:
   VQAv2 >= 2 x the majority-answer score, NLVR2 >= 0.65, SNLI-VE >= 0.55, retrieval IR R@1 >= 5 x chance.
 """
@@ -21,20 +21,26 @@ import pytest
 from conftest import REPO, rank_env
 
 # The schedules of these tests (the tiny recipes' own are for the demo). MT_FT_* variables scale them.
-PRETRAIN_STEPS = int(os.environ.get("MT_FT_PRETRAIN_STEPS", "150"))
-FINETUNE_STEPS = int(os.environ.get("MT_FT_STEPS", "120"))
+# Fine-tuning runs the tiny recipes' own schedules (finetune/configs/tiny_*.yaml) on 2 local ranks.
+PRETRAIN_STEPS = int(os.environ.get("MT_FT_PRETRAIN_STEPS", "60"))
+RANKS = 2
+# The accuracy test trains longer than the demo recipes: on the synthetic world the tiny tower's cross-modal
+# skills (SNLI-VE's hidden cell, retrieval) appear after ~250-300 steps when pre-training has not taught ITM.
+ACCURACY_STEPS = {"vqav2": 120, "nlvr2": 120, "snli_ve": 400, "flickr30k": 400}
 TASKS = ("vqav2", "nlvr2", "snli_ve", "flickr30k")
 EVAL_SPLIT = {"vqav2": "val", "nlvr2": "dev", "snli_ve": "dev", "flickr30k": "test", "coco": "test"}
 
 
-def jobs_yaml(path: Path, out: Path, shards: Path, init_from: str, tasks, num_gpus: int, overrides=()) -> Path:
+def jobs_yaml(path: Path, out: Path, shards: Path, init_from: str, tasks, num_gpus: int, overrides=(),
+              steps: dict | None = None) -> Path:
     lines = [f"out: {out}", f"init_from: {init_from}", f"num_gpus: {num_gpus}", "seeds: [0]",
              f"overrides: {json.dumps(['run.progress=false', *overrides])}", "jobs:"]
     for task in tasks:
         split = EVAL_SPLIT[task]
         lines += [f"  - task: {task}", f"    config: {REPO}/finetune/configs/tiny_{task}.yaml",
                   f"    overrides: [\"task.train_shards=[{shards}/{task}/train-*.tar]\", "
-                  f"\"task.eval_shards=[{shards}/{task}/{split}-*.tar]\"]"]
+                  f"\"task.eval_shards=[{shards}/{task}/{split}-*.tar]\""
+                  + (f", \"train.steps={steps[task]}\", \"checkpoint.every={steps[task]}\"" if steps else "") + "]"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -102,7 +108,11 @@ def test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped(de
 
 @pytest.fixture(scope="session")
 def pretrained(demo_shards, tmp_path_factory) -> Path:
-    """A tiny tower pre-trained (MLM + ITM) on the synthetic COCO shards, exported to one fp32 file."""
+    """A tiny tower pre-trained (MLM + ITM) on the synthetic COCO shards, exported to one fp32 file.
+
+    MT_FT_PRETRAINED=FILE uses an existing export instead (e.g. the demo's runs/demo/pretrain/export/...)."""
+    if os.environ.get("MT_FT_PRETRAINED"):
+        return Path(os.environ["MT_FT_PRETRAINED"])
     run_dir = tmp_path_factory.mktemp("pretrained")
     env = rank_env(1)
     args = ["--config", str(REPO / "pretrain/configs/tiny.yaml"), f"run.dir={run_dir}",
@@ -123,8 +133,8 @@ def _batch(demo_shards: Path, tmp_path: Path, init_from: str) -> dict[tuple[str,
     from finetune import batch
 
     out = tmp_path / "batch"
-    jobs = jobs_yaml(tmp_path / "jobs.yaml", out, demo_shards, init_from, TASKS, num_gpus=1,
-                     overrides=[f"train.steps={FINETUNE_STEPS}", f"checkpoint.every={FINETUNE_STEPS}"])
+    jobs = jobs_yaml(tmp_path / "jobs.yaml", out, demo_shards, init_from, TASKS, num_gpus=RANKS,
+                     steps=ACCURACY_STEPS)
     assert batch.main([str(jobs)]) == 0
     rows = json.loads((out / "results.json").read_text())
     print((out / "results.md").read_text())
@@ -135,6 +145,9 @@ def _batch(demo_shards: Path, tmp_path: Path, init_from: str) -> dict[tuple[str,
     return values
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MT_FT_ACCURACY") != "1",
+                    reason="multi-minute (pre-training + four fine-tunings); MT_FT_ACCURACY=1 runs it")
 def test_finetuning_from_a_pretrained_checkpoint_reaches_the_targets(pretrained, demo_shards, tmp_path):
     values = _batch(demo_shards, tmp_path, str(pretrained))
     assert values[("vqav2", "vqa_score")] >= 2 * values[("vqav2", "vqa_score_majority")]
