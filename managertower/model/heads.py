@@ -61,7 +61,9 @@ class ITCHead(nn.Module):
         super().__init__()
         self.text_proj = nn.Linear(text_dim, dim)
         self.image_proj = nn.Linear(image_dim, dim)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        # A 1-element vector, not a 0-dim scalar: DeepSpeed broadcasts parameters as bytes, which a 0-dim
+        # tensor cannot be viewed as.
+        self.log_temperature = nn.Parameter(torch.tensor([math.log(temperature)]))
 
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp(0.001, 0.5)

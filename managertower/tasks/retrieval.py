@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import dist
 from ..config import Config
@@ -109,9 +108,6 @@ class RetrievalTask(FinetuneTask):
         self.itc_head.text_proj.apply(init_new_weights)
         self.itc_head.image_proj.apply(init_new_weights)
         self.itm_head.apply(init_new_weights)
-        # DeepSpeed broadcasts parameters as bytes (`p.data.view(torch.uint8)`), which a 0-dim tensor cannot do:
-        # keep the temperature as a 1-element vector (ITCHead's own is a scalar).
-        self.itc_head.log_temperature = nn.Parameter(self.itc_head.log_temperature.detach().reshape(1))
 
     # --- data ---------------------------------------------------------------------------------------------
     def expand(self, meta: dict) -> list[dict]:
