@@ -15,7 +15,7 @@ setup(
         "managertower": ["model/assets/*/*"],
         "pretrain": ["configs/*.yaml"],
         "finetune": ["configs/*.yaml", "jobs/*.yaml"],
-        "cluster": ["slurm/*.sbatch", "*.sh"],
+        "cluster": ["slurm/*.sbatch", "slurm/*.sh", "ci/*.sh"],
     },
     install_requires=[
         # Pinned: both lie on the build machines' disk; a newer torch pulls several GB.
