@@ -224,6 +224,9 @@ class TaskConfig:
     augment: bool = True
     retrieval_topk: int = 128
     itc_dim: int = 256
+    # Pre-training only: weight of an extra ITC loss on the uni-modal class features. The paper uses none (0);
+    # the tiny demo's random-init experts use it to get past the long chance-level plateau of ITM.
+    itc_weight: float = 0.0
     head_lr_mult: float = 0.0  # lr x of the task's new heads; 0: SPEC §3 Table 9 (VQA 50, NLVR2/SNLI-VE 10, ITC/ITM 5)
 
     def __post_init__(self) -> None:

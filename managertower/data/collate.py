@@ -80,7 +80,8 @@ def itm_pairs(image_ids: list[Any], negative_fraction: float,
 
 
 class PretrainCollator:
-    """examples (+ images) -> {input_ids, attention_mask, mlm_input_ids, mlm_labels, itm_image_index, itm_labels}.
+    """examples (+ images) -> {input_ids, attention_mask, mlm_input_ids, mlm_labels, itm_image_index, itm_labels,
+    image_ids}.
 
     Shapes (B examples, T = max_text_len): input_ids / attention_mask / mlm_input_ids / mlm_labels B x T long;
     itm_image_index, itm_labels B long. `input_ids` is the unmasked text (ITM); `mlm_input_ids` the masked one.
@@ -123,8 +124,11 @@ class PretrainCollator:
             mlm_probability=self.mlm_probability, generator=generator)
         itm_image_index, itm_labels = itm_pairs([e.get("image_id", e.get("key")) for e in examples],
                                                 self.itm_negative_fraction, generator)
+        # 63-bit keys of the pictures, so objectives over the batch (ITC) can tell captions of one picture apart
+        image_ids = torch.tensor([mix_seed(str(e.get("image_id", e.get("key")))) for e in examples], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mlm_input_ids": mlm_input_ids,
-                "mlm_labels": mlm_labels, "itm_image_index": itm_image_index, "itm_labels": itm_labels}
+                "mlm_labels": mlm_labels, "itm_image_index": itm_image_index, "itm_labels": itm_labels,
+                "image_ids": image_ids}
 
     def state_dict(self) -> dict:
         return {"batches": self.batches}

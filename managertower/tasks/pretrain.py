@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import dist
 from ..config import Config
-from ..model import ITMHead, MLMHead, load_tokenizer
+from ..model import ITCHead, ITMHead, MLMHead, load_tokenizer
 from .base import Task
 
 HARD_NEGATIVE_ATTRIBUTES = ("colour", "shape", "size", "position")
@@ -43,6 +43,12 @@ class PretrainTask(Task):
 
         self.mlm_head.apply(init_new_weights)
         self.itm_head.apply(init_new_weights)
+        self.itc_head = None
+        if cfg.task.itc_weight > 0:  # not the paper's recipe: see TaskConfig.itc_weight
+            self.itc_head = ITCHead(self.model.text_expert.hidden_size, self.model.vision_expert.hidden_size,
+                                    cfg.task.itc_dim)
+            self.itc_head.text_proj.apply(init_new_weights)
+            self.itc_head.image_proj.apply(init_new_weights)
         self._tokenizer = None
 
     @property
@@ -67,11 +73,26 @@ class PretrainTask(Task):
     def forward(self, batch: dict) -> dict:
         model = self.model
         mask = batch["attention_mask"]
-        image = model.project_image(model.encode_image(batch["pixel_values"].to(self.dtype)))
+        image_layers = model.encode_image(batch["pixel_values"].to(self.dtype))
+        image = model.project_image(image_layers)
         mlm_out = model.fuse(model.project_text(model.encode_text(batch["mlm_input_ids"], mask)), mask, image)
-        itm_out = model.fuse(model.project_text(model.encode_text(batch["input_ids"], mask)), mask,
-                             image[batch["itm_image_index"]])
-        return self._losses(mlm_out, itm_out, batch)
+        text_layers = model.encode_text(batch["input_ids"], mask)
+        itm_out = model.fuse(model.project_text(text_layers), mask, image[batch["itm_image_index"]])
+        out = self._losses(mlm_out, itm_out, batch)
+        if self.itc_head is not None:
+            out.update(self._itc(text_layers, image_layers, batch["image_ids"]))
+            out["loss"] = out["loss"] + self.cfg.task.itc_weight * out["loss_itc"]
+        return out
+
+    def _itc(self, text_layers: torch.Tensor, image_layers: torch.Tensor, image_ids: torch.Tensor) -> dict:
+        """Contrastive loss of the raw uni-modal class features over the global batch (optional, see config)."""
+        from .retrieval import itc_loss
+
+        text_emb, image_emb = self.itc_head(text_layers[:, -1, 0], image_layers[:, -1, 0])
+        loss_itc, t2i, _, all_ids = itc_loss(text_emb, image_emb, image_ids, image_ids, self.itc_head.temperature())
+        with torch.no_grad():
+            acc_itc = (all_ids[t2i.argmax(1)] == image_ids).float().mean()
+        return {"loss_itc": loss_itc, "acc_itc": acc_itc}
 
     def forward_two_pass(self, batch: dict) -> dict:
         """The released code's step: each objective runs the whole tower on its own images."""

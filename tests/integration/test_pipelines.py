@@ -226,7 +226,7 @@ def test_build_pretrain_loader(data, tokenizer):
                                    device="cpu")
     batch = next(iter(loader))
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels",
-                          "itm_image_index", "itm_labels"}
+                          "itm_image_index", "itm_labels", "image_ids"}
     assert batch["pixel_values"].shape == (6, 3, SIZE, SIZE) and batch["input_ids"].shape == (6, 20)
     assert batch["itm_labels"].sum() == 3
     with pytest.raises(ConfigError, match="val_shards"):

@@ -142,3 +142,18 @@ def test_every_parameter_gets_a_gradient_from_one_pretraining_step(task):
     task(_batch(task, seed=1))["loss"].backward()
     missing = [n for n, p in task.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
     assert not missing, missing
+
+
+def test_optional_itc_adds_a_contrastive_loss_that_reaches_the_experts():
+    cfg = load_config(None, ["model.size=tiny", "model.dropout=0.0", "task.itc_weight=0.5"])
+    torch.manual_seed(0)
+    task = PretrainTask(cfg)
+    batch = _batch(task)
+    batch["image_ids"] = torch.tensor([7, 7, 8, 9, 10, 11])  # two captions of one picture: both positives
+    out = task(batch)
+    assert torch.allclose(out["loss"], out["loss_mlm"] + out["loss_itm"] + 0.5 * out["loss_itc"])
+    task.zero_grad()
+    out["loss_itc"].backward()
+    assert task.itc_head.text_proj.weight.grad.abs().sum() > 0
+    assert task.model.vision_expert.visual.conv1.weight.grad.abs().sum() > 0
+    assert PretrainTask(load_config(None, ["model.size=tiny"])).itc_head is None  # the paper's recipe: no ITC
