@@ -26,6 +26,9 @@ class Task(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
+        # New weights are a function of train.seed: the same command builds the same model on every rank and in
+        # every run (DeepSpeed broadcasts rank 0's weights anyway, but runs must be comparable).
+        torch.manual_seed(cfg.train.seed)
         self.model = ManagerTower(cfg.model)
 
     # --- optimisation -----------------------------------------------------------------------------------
