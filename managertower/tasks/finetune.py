@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .. import dist
 from ..config import Config, ConfigError
 from ..model import load_tokenizer
+from . import metrics
 from .base import Task
 
 
@@ -262,3 +264,39 @@ class FinetuneTask(Task):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.write_predictions(records)
         return metrics
+
+
+class ClassificationTask(FinetuneTask):
+    """A task that classifies each example into `label_names` with cross-entropy (NLVR2, SNLI-VE): one example
+    per statement, its id kept under `id_key` for the prediction file; metrics accuracy and the majority-class
+    accuracy of the split."""
+
+    label_names: tuple[str, ...] = ()
+    id_key = "id"
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def make_collator(self, train: bool):
+        return TextCollator(self.tokenizer, self.cfg.model.max_text_len, labels=("label",), keep=(self.id_key,))
+
+    def forward(self, batch: dict) -> dict:
+        logits = self.logits(batch)
+        loss = F.cross_entropy(logits, batch["label"])
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == batch["label"]).float().mean()
+        return {"loss": loss, "acc": acc, "batch_size": logits.shape[0], "tokens": int(batch["attention_mask"].sum())}
+
+    def eval_batch(self, batch: dict) -> list[dict]:
+        pred = self.logits(batch).argmax(-1).tolist()
+        return [{self.id_key: i, "prediction": p, "label": int(label)}
+                for i, p, label in zip(batch[self.id_key], pred, batch["label"].tolist())]
+
+    def eval_metrics(self, records: list[dict]) -> dict:
+        if not records:
+            return {}
+        pred = torch.tensor([r["prediction"] for r in records])
+        labels = torch.tensor([r["label"] for r in records])
+        majority = torch.bincount(labels, minlength=len(self.label_names)).max().item() / len(records)
+        return {"accuracy": metrics.accuracy(pred, labels), "examples": float(len(records)),
+                "accuracy_majority": float(majority)}

@@ -10,13 +10,11 @@ Predictions: RUN/predictions_nlvr2_{split}.csv, `identifier,prediction` with Tru
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
 from ..model import ClassifierHead, init_new_weights
 from ..model.tower import IMAGE_TYPE, SECOND_IMAGE_TYPE
-from . import metrics
-from .finetune import FinetuneTask, TextCollator
+from .finetune import ClassificationTask
 
 
 def _label(value) -> int:
@@ -25,8 +23,10 @@ def _label(value) -> int:
     return int(bool(value))
 
 
-class NLVR2Task(FinetuneTask):
+class NLVR2Task(ClassificationTask):
     name = "nlvr2"
+    label_names = ("False", "True")
+    id_key = "identifier"
     head_prefixes = ("classifier.",)
     default_head_lr_mult = 10.0
     images = ("jpg", "img1.jpg")
@@ -40,9 +40,6 @@ class NLVR2Task(FinetuneTask):
     def expand(self, meta: dict) -> list[dict]:
         return [{"text": s["sentence"], "label": _label(s.get("label", 0)), "identifier": s.get("identifier", "")}
                 for s in meta.get("statements") or [] if s.get("sentence")]
-
-    def make_collator(self, train: bool):
-        return TextCollator(self.tokenizer, self.cfg.model.max_text_len, labels=("label",), keep=("identifier",))
 
     def load_tower_weights(self, state_dict: dict, source: str = "") -> list[str]:
         missing = super().load_tower_weights(state_dict, source)
@@ -60,25 +57,6 @@ class NLVR2Task(FinetuneTask):
         first = model.fuse(text, mask, model.project_image(left, IMAGE_TYPE))
         second = model.fuse(text, mask, model.project_image(right, SECOND_IMAGE_TYPE))
         return self.classifier(torch.cat([first.cls_feats, second.cls_feats], dim=-1)).float()
-
-    def forward(self, batch: dict) -> dict:
-        logits = self.logits(batch)
-        loss = F.cross_entropy(logits, batch["label"])
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == batch["label"]).float().mean()
-        return {"loss": loss, "acc": acc, "batch_size": logits.shape[0], "tokens": int(batch["attention_mask"].sum())}
-
-    def eval_batch(self, batch: dict) -> list[dict]:
-        pred = self.logits(batch).argmax(-1).tolist()
-        return [{"identifier": i, "prediction": p, "label": int(l)}
-                for i, p, l in zip(batch["identifier"], pred, batch["label"].tolist())]
-
-    def eval_metrics(self, records: list[dict]) -> dict:
-        if not records:
-            return {}
-        pred = torch.tensor([r["prediction"] for r in records])
-        labels = torch.tensor([r["label"] for r in records])
-        return {"accuracy": metrics.accuracy(pred, labels), "examples": float(len(records))}
 
     def write_predictions(self, records: list[dict]):
         path = self.predictions_path("csv")

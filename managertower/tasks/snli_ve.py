@@ -5,12 +5,10 @@ Predictions: RUN/predictions_snli_ve_{split}.csv, `pair_id,prediction,label` wit
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
 from ..model import ClassifierHead, init_new_weights
-from . import metrics
-from .finetune import FinetuneTask, TextCollator
+from .finetune import ClassificationTask
 
 LABELS = ("contradiction", "neutral", "entailment")
 
@@ -21,8 +19,10 @@ def _label(value) -> int:
     return int(value)
 
 
-class SNLIVETask(FinetuneTask):
+class SNLIVETask(ClassificationTask):
     name = "snli_ve"
+    label_names = LABELS
+    id_key = "pair_id"
     head_prefixes = ("classifier.",)
     default_head_lr_mult = 10.0
 
@@ -36,34 +36,9 @@ class SNLIVETask(FinetuneTask):
         return [{"text": h["text"], "label": _label(h["label"]), "pair_id": str(h.get("pair_id", ""))}
                 for h in meta.get("hypotheses") or [] if h.get("text")]
 
-    def make_collator(self, train: bool):
-        return TextCollator(self.tokenizer, self.cfg.model.max_text_len, labels=("label",), keep=("pair_id",))
-
     def logits(self, batch: dict) -> torch.Tensor:
         out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"].to(self.dtype))
         return self.classifier(out.cls_feats).float()
-
-    def forward(self, batch: dict) -> dict:
-        logits = self.logits(batch)
-        loss = F.cross_entropy(logits, batch["label"])
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == batch["label"]).float().mean()
-        return {"loss": loss, "acc": acc, "batch_size": logits.shape[0], "tokens": int(batch["attention_mask"].sum())}
-
-    def eval_batch(self, batch: dict) -> list[dict]:
-        pred = self.logits(batch).argmax(-1).tolist()
-        return [{"pair_id": i, "prediction": p, "label": int(l)}
-                for i, p, l in zip(batch["pair_id"], pred, batch["label"].tolist())]
-
-    def eval_metrics(self, records: list[dict]) -> dict:
-        if not records:
-            return {}
-        pred = torch.tensor([r["prediction"] for r in records])
-        labels = torch.tensor([r["label"] for r in records])
-        out = {"accuracy": metrics.accuracy(pred, labels), "examples": float(len(records))}
-        majority = torch.bincount(labels, minlength=len(LABELS)).max().item() / len(records)
-        out["accuracy_majority"] = float(majority)
-        return out
 
     def write_predictions(self, records: list[dict]):
         path = self.predictions_path("csv")
