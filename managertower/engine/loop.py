@@ -99,8 +99,8 @@ class Trainer:
         elif not resume and cfg.checkpoint.init_from:
             state, _ = ckpt.load_weights_file(cfg.checkpoint.init_from)
             missing = task.load_tower_weights(state, cfg.checkpoint.init_from)
-            notes.append(f"initialised the tower from {cfg.checkpoint.init_from} ({len(missing)} new tensors: heads "
-                         "and anything the checkpoint lacks)")
+            notes.append(f"initialised the tower from {cfg.checkpoint.init_from}; the task's heads start new"
+                         + (f", and {len(missing)} tower tensors the checkpoint lacks" if missing else ""))
 
         groups = param_groups(task, cfg.train, task.lr_multiplier)
         optimizer = build_optimizer(groups, cfg.train)
