@@ -84,6 +84,11 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """Move the tensors of a batch dict to `device`; other values (ids, captions) stay as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def init(timeout_s: int = 600) -> None:
     """Start the process group through DeepSpeed (gloo on the CPU, nccl on GPUs)."""
     discover_env()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,15 @@ def rank_env(ranks: int = 2) -> dict:
     from managertower.demo import rank_env as _rank_env
 
     return _rank_env(ranks)
+
+
+def wait_for(predicate, process, timeout: float) -> None:
+    """Poll `predicate` until it holds; fail if `process` ends first or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"run ended (code {process.returncode}) before the awaited state")
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for the run")

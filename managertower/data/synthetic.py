@@ -217,7 +217,7 @@ def nlvr2_statement(left: Scene, right: Scene, rng: random.Random) -> tuple[str,
         return any(all(getattr(s, k) == v for k, v in attributes.items()) for s in scene.shapes)
 
     templates = [
-        (f"there are more shapes in the left image than in the right image.", len(left.shapes) > len(right.shapes)),
+        ("there are more shapes in the left image than in the right image.", len(left.shapes) > len(right.shapes)),
         (f"both images contain a {colour} shape.", has(left, colour=colour) and has(right, colour=colour)),
         (f"exactly one image contains a {shape}.", has(left, shape=shape) != has(right, shape=shape)),
         (f"the {side_name} image contains a {size} {colour} {shape}.", has(side, size=size, colour=colour, shape=shape)),

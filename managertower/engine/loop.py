@@ -61,10 +61,6 @@ class _StopFlag:
         self.signal_name = signal.Signals(signum).name
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 class Trainer:
     def __init__(self, cfg: Config, task):
         self.cfg = cfg
@@ -146,7 +142,7 @@ class Trainer:
         engine.train()
         while step < total_steps:
             for _ in range(accum):
-                batch = _to_device(next(iterator), device)
+                batch = dist.batch_to_device(next(iterator), device)
                 out = engine(batch)
                 engine.backward(out["loss"])
                 engine.step()

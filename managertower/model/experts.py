@@ -5,7 +5,6 @@ come from local paths; with no path the architecture is built with random weight
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch

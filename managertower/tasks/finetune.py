@@ -158,10 +158,6 @@ class TextCollator:
         return batch
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 # ---------------------------------------------------------------------------------------------------- task
 
 
@@ -255,7 +251,7 @@ class FinetuneTask(Task):
         records: list[dict] = []
         try:
             for batch in loader:
-                records += self.eval_batch(_to_device(batch, device))
+                records += self.eval_batch(dist.batch_to_device(batch, device))
         finally:
             loader.close()
         records = gather_objects(records)

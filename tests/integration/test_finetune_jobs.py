@@ -13,16 +13,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, rank_env
+from conftest import REPO, rank_env, wait_for
 
 # The schedules of these tests (the tiny recipes' own are for the demo). MT_FT_* variables scale them.
 # Fine-tuning runs the tiny recipes' own schedules (finetune/configs/tiny_*.yaml) on 2 local ranks.
-PRETRAIN_STEPS = int(os.environ.get("MT_FT_PRETRAIN_STEPS", "60"))
+PRETRAIN_STEPS = int(os.environ.get("MT_FT_PRETRAIN_STEPS", "300"))
 RANKS = 2
 # The accuracy test trains longer than the demo recipes: on the synthetic world the tiny tower's cross-modal
 # skills (SNLI-VE's hidden cell, retrieval) appear after ~250-300 steps when pre-training has not taught ITM.
@@ -50,17 +49,6 @@ def metric_rows(run_dir: Path) -> dict[int, dict]:
     return {row["step"]: row for row in rows if "loss" in row}
 
 
-def _wait_for(predicate, process, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if process.poll() is not None:
-            raise AssertionError(f"run ended (code {process.returncode}) before the awaited state")
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for the run")
-
-
 # ------------------------------------------------------------------------------------------ kill + resume
 
 
@@ -76,7 +64,7 @@ def test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped(de
                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # past the first checkpoint and into the next steps, then kill batch, launcher and ranks at once
-        _wait_for(lambda: (run_dir / f"checkpoints/step-{every}/COMPLETE").exists()
+        wait_for(lambda: (run_dir / f"checkpoints/step-{every}/COMPLETE").exists()
                   and (run_dir / "metrics.jsonl").exists() and max(metric_rows(run_dir), default=0) >= every + 1,
                   process, timeout=400)
     finally:

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, rank_env
+from conftest import REPO, rank_env, wait_for
 
 STEPS, EVERY = 8, 3
 COMMON = ["train.global_batch=16", "train.micro_batch=8", f"train.steps={STEPS}", f"checkpoint.every={EVERY}",
@@ -95,17 +94,6 @@ def test_tensorboard_event_files_hold_the_scalars(reference):
     assert any(t.startswith("managers/") for t in events.Tags()["histograms"])
 
 
-def _wait_for(predicate, process, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if process.poll() is not None:
-            raise AssertionError(f"run ended (code {process.returncode}) before the awaited state")
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for the run")
-
-
 def test_sigkill_after_first_checkpoint_then_relaunch_is_exact(reference, tmp_path):
     ref_dir, shards, _ = reference
     run_dir = tmp_path / "killed"
@@ -114,7 +102,7 @@ def test_sigkill_after_first_checkpoint_then_relaunch_is_exact(reference, tmp_pa
                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # past the first checkpoint (step 3) and into step 4+, then kill launcher and ranks without warning
-        _wait_for(lambda: (run_dir / "checkpoints/step-3/COMPLETE").exists() and
+        wait_for(lambda: (run_dir / "checkpoints/step-3/COMPLETE").exists() and
                   (run_dir / "metrics.jsonl").exists() and max(metrics(run_dir), default=0) >= EVERY + 1,
                   process, timeout=300)
     finally:
@@ -193,7 +181,6 @@ def test_bad_configs_fail_before_anything_starts(synthetic_world, tmp_path):
     }
     for override, message in cases.items():
         command = pretrain_command(tmp_path / "bad", shards, override, ranks=1)
-        started = time.time()
         result = run(command, env=rank_env(1), timeout=120)
         assert result.returncode == 2, (override, result.stderr[-2000:])
         assert message in result.stderr, (override, result.stderr[-2000:])
