@@ -23,7 +23,8 @@ import argparse
 import os
 import sys
 
-from managertower.config import ConfigError, _all_keys, load_config
+from managertower.cli import USER_ERRORS, add_recipe_options, resolve_config, user_error
+from managertower.config import ConfigError, load_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 TASK_NAMES = ("vqav2", "nlvr2", "snli_ve", "flickr30k", "coco")
@@ -64,24 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=TASK_NAMES, help="the task (picks the default recipe)")
     parser.add_argument("--config", help="a recipe YAML (default finetune/configs/TASK.yaml)")
     parser.add_argument("--from", dest="init_from", help="pre-trained checkpoint: run folder, step-N folder or .pt")
-    parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
-    parser.add_argument("--print-keys", action="store_true", help="list every override key and exit")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-5")
+    add_recipe_options(parser, "train.lr=1e-5")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    if args.print_keys:
-        print("\n".join(_all_keys()))
-        return 0
-    try:
-        cfg = build_config(args.task, args.config, args.init_from, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        return 0
+    cfg = resolve_config(lambda: build_config(args.task, args.config, args.init_from, args.overrides),
+                         args.print_keys, args.print_config)
+    if isinstance(cfg, int):
+        return cfg
     summary = run(cfg)
     return 0 if summary else (2 if summary is None else 1)
 
@@ -89,14 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg) -> dict | None:
     """Fine-tune with `cfg`; returns the run's summary (None after a user error, already printed)."""
     from managertower.engine.loop import Trainer
-    from managertower.model import ApexMissingError
     from managertower.tasks import build_task
 
     try:
         task = build_task(cfg)
         return Trainer(cfg, task).fit()
-    except (ConfigError, ApexMissingError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        user_error(err)
         return None
 
 

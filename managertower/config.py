@@ -264,12 +264,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
     keys = []
     for f in fields(cls):
         hint = get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(hint):
-            keys += _all_keys(hint, f"{prefix}{f.name}.")
+            keys += all_keys(hint, f"{prefix}{f.name}.")
         else:
             keys.append(prefix + f.name)
     return keys
@@ -284,7 +284,7 @@ def _parse_value(text: str) -> Any:
 
 
 def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `--print-keys` lists them all"
     return ConfigError(f"unknown config key {key!r}{hint}")
 

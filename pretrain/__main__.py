@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from managertower.config import ConfigError, _all_keys, load_config
+from managertower.cli import USER_ERRORS, add_recipe_options, resolve_config, user_error
+from managertower.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,31 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=False, help="a recipe YAML (pretrain/configs/*.yaml)")
-    parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
-    parser.add_argument("--print-keys", action="store_true", help="list every override key and exit")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    add_recipe_options(parser, "train.steps=100")
     args = parser.parse_intermixed_args(argv)
-    if args.print_keys:
-        print("\n".join(_all_keys()))
-        return 0
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        return 0
+    cfg = resolve_config(lambda: load_config(args.config, args.overrides), args.print_keys, args.print_config)
+    if isinstance(cfg, int):
+        return cfg
     return run(cfg)
 
 
 def run(cfg) -> int:
-    from managertower.config import ConfigError
     from managertower.engine.loop import Trainer
-    from managertower.model import ApexMissingError
     from managertower.tasks.pretrain import PretrainTask
 
     try:
@@ -66,9 +52,8 @@ def run(cfg) -> int:
             expand_shards(spec)  # a wrong path fails here, before DeepSpeed and DALI start
         task = PretrainTask(cfg)
         summary = Trainer(cfg, task).fit()
-    except (ConfigError, ApexMissingError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return user_error(err)
     return 0 if summary else 1
 
 
