@@ -5,6 +5,7 @@
     python -m finetune.batch JOBS.yaml --count                             # how many jobs (for --array)
     python -m finetune.batch JOBS.yaml --array-index 3                     # job 3 only (a SLURM array task)
     python -m finetune.batch JOBS.yaml --submit                            # sbatch --array=0-(n-1) ...
+    python -m finetune.batch JOBS.yaml --submit --max-parallel 8 --sbatch-args "--gpus-per-node=1 --time=8:00:00"
     python -m finetune.batch JOBS.yaml --out runs/x init_from=ckpt.pt shards=/data/shards   # set ${vars}
 
 A jobs file (see finetune/jobs/*.yaml):
@@ -30,6 +31,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -289,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and their commands")
     parser.add_argument("--count", action="store_true", help="print the number of jobs")
     parser.add_argument("--submit", action="store_true", help=f"sbatch --array=0-(n-1) {SBATCH_SCRIPT} JOBS")
+    parser.add_argument("--sbatch-args", default="", help="with --submit: more sbatch options, one string "
+                        "(e.g. \"--partition=gpu --gpus-per-node=8 --time=12:00:00\")")
+    parser.add_argument("--max-parallel", type=int, default=None,
+                        help="with --submit: at most N array tasks at once (--array=0-(n-1)%%N)")
     parser.add_argument("--num-gpus", type=int, default=None, help="ranks per job (overrides num_gpus:)")
     parser.add_argument("--subprocess", action="store_true", help="launch one-rank jobs as subprocesses too")
     parser.add_argument("variables", nargs="*", help="NAME=VALUE: set a ${NAME} of the jobs file")
@@ -343,19 +349,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def submit(args, jobs: list[Job]) -> int:
+    """sbatch one array over the jobs: task I runs `--array-index I` (cluster/slurm/finetune_array.sbatch) in the
+    submit directory, and every task rewrites OUT/results.{json,md} when its job ends, so the table is whole
+    once the last one finishes. Prints the job id."""
     if shutil.which("sbatch") is None:
         print("error: sbatch is not on PATH: --submit needs SLURM (or run the jobs here without --submit)",
               file=sys.stderr)
         return 2
-    extra = [] if args.out is None else ["--out", args.out]
+    try:
+        sbatch_args = shlex.split(args.sbatch_args)
+    except ValueError as error:
+        print(f"error: --sbatch-args {args.sbatch_args!r}: {error}", file=sys.stderr)
+        return 2
+    if args.max_parallel is not None and args.max_parallel < 1:
+        print(f"error: --max-parallel {args.max_parallel}: give a number >= 1", file=sys.stderr)
+        return 2
+    array = f"--array=0-{len(jobs) - 1}" + ("" if args.max_parallel is None else f"%{args.max_parallel}")
+    extra = [] if args.out is None else ["--out", os.path.abspath(args.out)]
     if args.num_gpus is not None:
         extra += ["--num-gpus", str(args.num_gpus)]
     extra += list(args.variables)
-    command = ["sbatch", f"--array=0-{len(jobs) - 1}", SBATCH_SCRIPT, args.jobs_file, *extra]
-    print("$ " + " ".join(command), flush=True)
+    command = ["sbatch", "--parsable", array, *sbatch_args, str(REPO / SBATCH_SCRIPT),
+               os.path.abspath(args.jobs_file), *extra]
+    print("$ " + " ".join(shlex.quote(part) for part in command), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.run(command).returncode
+    env = dict(os.environ, MT_REPO=str(REPO))  # the array tasks find cluster/slurm/common.sh from anywhere
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"error: sbatch failed ({result.returncode}): {result.stderr.strip()}", file=sys.stderr)
+        return result.returncode
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"submitted array job {job_id}: {len(jobs)} tasks; results in {Path(args.out or jobs[0].run_dir.parent)}"
+          f"/results.md as they finish (squeue -j {job_id})", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

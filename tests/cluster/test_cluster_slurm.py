@@ -4,6 +4,7 @@ per-node launcher, and the two requeue paths (SIGUSR1 before the time limit, whe
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -119,3 +120,50 @@ def test_dataprep_array_parts_make_one_complete_folder(slurm, shard_root, tmp_pa
     verify = subprocess.run([PYTHON, "-m", "dataprep", "verify", str(out)], capture_output=True, text=True,
                             timeout=120, cwd=REPO, env=run_env())
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_finetune_batch_submits_one_array_and_collects_one_table(slurm, slurm_jobs, shard_root, tmp_path):
+    """`python -m finetune.batch JOBS --submit`: one array task per job (cluster/slurm/finetune_array.sbatch),
+    submitted from outside the repository; each task trains its job and the last rewrites results.json/md with
+    every job's row."""
+    out, log = tmp_path / "batch", tmp_path / "finetune-%a.out"
+    steps = 4
+    jobs_file = tmp_path / "jobs.yaml"
+    lines = [f"out: {out}", "init_from: none", "num_gpus: 1", "seeds: [0]",
+             f'overrides: ["run.progress=false", "run.tensorboard=false", "train.steps={steps}", '
+             f'"checkpoint.every={steps}", "train.global_batch=8", "train.micro_batch=8", "data.num_threads=1"]',
+             "jobs:"]
+    for task, split in (("nlvr2", "dev"), ("snli_ve", "dev")):
+        lines += [f"  - task: {task}", f"    config: finetune/configs/tiny_{task}.yaml",
+                  f'    overrides: ["task.train_shards=[{shard_root}/{task}/train-*.tar]", '
+                  f'"task.eval_shards=[{shard_root}/{task}/{split}-*.tar]"]']
+    jobs_file.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        [PYTHON, "-m", "finetune.batch", str(jobs_file), "--submit", "--max-parallel", "1",
+         "--sbatch-args", f"--output={log} --cpus-per-task=2 --time=10"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=run_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--array=0-1%1" in result.stdout
+    job = re.search(r"submitted array job (\d+)", result.stdout).group(1)
+    slurm_jobs.append(job)
+
+    def tasks_done():
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+        states = [dict(item.split("=", 1) for item in line.split() if "=" in item).get("JobState")
+                  for line in shown.stdout.splitlines() if line.strip()]
+        return states if len(states) == 2 and all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+                                                  for s in states) else None
+
+    logs = lambda: "".join(p.read_text() for p in sorted(tmp_path.glob("finetune-*.out")))  # noqa: E731
+    states = wait_for(tasks_done, 2 * JOB_TIMEOUT, f"array job {job}", interval=1.0, on_timeout=lambda: logs()[-4000:])
+    assert states == ["COMPLETED", "COMPLETED"], f"{states}\n{logs()[-4000:]}"
+    assert "array task 0" in logs() and "array task 1" in logs()
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted((r["task"], r["split"], r["metric"]) for r in rows) == [("nlvr2", "dev", "accuracy"),
+                                                                          ("snli_ve", "dev", "accuracy")]
+    for row in rows:
+        summary = json.loads((out / f"{row['task']}-seed0" / "summary.json").read_text())
+        assert summary["steps"] == summary["total_steps"] == steps
+        assert row["value"] == summary["accuracy"] and 0.0 <= row["value"] <= 1.0
+    table = (out / "results.md").read_text()
+    assert "| nlvr2 | dev | accuracy |" in table and "| snli_ve | dev | accuracy |" in table
