@@ -200,6 +200,9 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _check_positive("checkpoint.every", self.every)
         _check_positive("checkpoint.keep", self.keep)
+        if self.resume not in ("auto", "none") and not os.path.exists(self.resume):
+            raise ConfigError(f"checkpoint.resume={self.resume!r} is neither auto, none nor an existing checkpoint "
+                              "folder; use resume=auto (the newest under run.dir), resume=none or a step-N folder")
 
 
 @dataclass

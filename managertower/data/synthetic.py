@@ -10,8 +10,8 @@ yellow), shape (circle, square, triangle), size (small 28 px, large 52 px: the d
   captions     name every shape with all four attributes: true of their image, false of most others;
   VQAv2        questions about colour, shape, size, position, count and existence, ten answers each;
   NLVR2        one true and one false statement per image pair;
-  SNLI-VE      a grey box hides one cell of most images: a hypothesis about a visible cell is entailed
-               or contradicted by the image, one about the hidden cell is neutral, whatever its words.
+  SNLI-VE      existence claims ('there is a small red circle.'): entailed when the shape is visible; when
+               it is not, contradicted by a whole image, neutral where a grey box hides a cell it could be in.
 """
 from __future__ import annotations
 
@@ -228,24 +228,30 @@ def nlvr2_statement(left: Scene, right: Scene, rng: random.Random) -> tuple[str,
     return _pick(rng, templates)
 
 
-def snli_hypothesis(scene: Scene, label: int, rng: random.Random) -> str | None:
-    """A hypothesis with the given label (0 contradiction, 1 neutral, 2 entailment), or None if impossible.
+SNLI_TEMPLATES = ("there is a {}.", "there is a {} in the picture.")
 
-    All three read alike ('there is a small red circle at the top left.'); only the image tells which holds.
+
+def snli_hypotheses(scene: Scene, rng: random.Random, absent: int = 2) -> list[tuple[int, str]]:
+    """(label, hypothesis) pairs for one image: 0 contradiction, 1 neutral, 2 entailment (SNLI-VE's order).
+
+    Every hypothesis claims a shape exists ('there is a small red circle.'). One names a visible shape:
+    entailment. `absent` name a shape the image does not show: contradiction when the whole image is in view,
+    neutral when a grey box hides a cell, which could hold it. All read alike: only the image tells the label,
+    and it takes both the shape's three attributes and whether anything is hidden.
     """
-    visible_cells = [p for p in POSITIONS if p != scene.hidden]
-    if label == 2:
-        shapes = list(scene.visible())
-        return f"there is {_pick(rng, shapes).phrase()}." if shapes else None
-    if label == 1:
-        return f"there is {random_shape(rng, scene.hidden).phrase()}." if scene.hidden else None
-    position = _pick(rng, visible_cells)
-    actual = scene.at(position)
-    for _ in range(20):
-        claim = random_shape(rng, position)
-        if claim != actual:
-            return f"there is {claim.phrase()}."
-    return None
+    def claim(shape: Shape) -> str:
+        return _pick(rng, SNLI_TEMPLATES).format(f"{shape.size} {shape.colour} {shape.shape}")
+
+    seen = {(shape.colour, shape.shape, shape.size) for shape in scene.visible()}
+    pairs = []
+    if scene.visible():
+        pairs.append((2, claim(_pick(rng, scene.visible()))))
+    label = 1 if scene.hidden is not None else 0
+    while len(pairs) < absent + (1 if scene.visible() else 0):
+        shape = random_shape(rng, POSITIONS[0])
+        if (shape.colour, shape.shape, shape.size) not in seen:
+            pairs.append((label, claim(shape)))
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -405,18 +411,15 @@ def _write_flickr_and_snli_ve(flickr_root: str, snli_root: str, sizes: WorldSize
         records = []
         for offset in range(count):
             flickr_id = 1_000_000_000 + total + offset
-            scene = random_scene(rng, hide_probability=0.75)
+            scene = random_scene(rng, hide_probability=0.5)  # about as many neutral as contradiction claims
             captions = captions_for(scene, rng)
             _save(render(scene), os.path.join(images_folder, f"{flickr_id}.jpg"))
-            for label in (2, 0, 1):
-                hypothesis = snli_hypothesis(scene, label, rng)
-                if hypothesis is None:
-                    continue
+            for index, (label, hypothesis) in enumerate(snli_hypotheses(scene, rng)):
                 # Both spellings of the id field occur in the wild; the reader accepts either.
                 id_field = {"Flikr30kID": f"{flickr_id}.jpg"} if offset % 2 == 0 else {"Flickr30K_ID": str(flickr_id)}
                 records.append({"gold_label": labels[label], "sentence1": captions[0], "sentence2": hypothesis,
-                                "pairID": f"{flickr_id}.jpg#0r{label}", "captionID": f"{flickr_id}.jpg#0",
-                                **id_field})
+                                "pairID": f"{flickr_id}.jpg#0r{index}{labels[label][0]}",
+                                "captionID": f"{flickr_id}.jpg#0", **id_field})
             if offset < retrieval_count:
                 karpathy.append(_karpathy_entry(next_imgid, f"{flickr_id}.jpg", karpathy_split, captions,
                                                 first_sentid=sentid))

@@ -92,6 +92,7 @@ def test_unknown_key_in_a_recipe(tmp_path):
     ("model.size=huge", r"model.size='huge' is not one of base, tiny"),
     ("model.text_expert=/no/such/dir", r"model.text_expert='/no/such/dir' does not exist"),
     ("model.vision_checkpoint=/no/such.pt", r"model.vision_checkpoint='/no/such.pt' does not exist"),
+    ("checkpoint.resume=never", r"checkpoint.resume='never' is neither auto, none nor an existing checkpoint"),
 ])
 def test_bad_values_name_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):

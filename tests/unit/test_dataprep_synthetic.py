@@ -11,7 +11,7 @@ import pytest
 
 from managertower.data.shards import expand_shards, iter_shard, sha256_file
 from managertower.data.synthetic import (COLOURS, SIZES, Scene, Shape, captions_for, hard_negative_caption, render,
-                                         random_scene, shard_world, write_world)
+                                         random_scene, shard_world, snli_hypotheses, write_world)
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +133,28 @@ def test_tasks_need_the_image(world):
         for sample in iter_shard(path):
             statements.update(s["label"] for s in json.loads(sample["json"])["statements"])
     assert statements[0] == statements[1] > 0
+
+
+def _claimed(hypothesis: str) -> tuple[str, str, str]:
+    size, colour, shape = re.match(r"there is an? (\w+) (\w+) (\w+)", hypothesis).groups()
+    return colour, shape, size
+
+
+def test_snli_ve_labels_follow_from_what_the_image_shows():
+    """Entailment names a visible shape; contradiction and neutral name none, and are neutral exactly when a grey
+    box hides a cell the shape could be in."""
+    rng = random.Random(5)
+    counts = Counter()
+    for _ in range(300):
+        scene = random_scene(rng, hide_probability=0.5)
+        visible = {(s.colour, s.shape, s.size) for s in scene.visible()}
+        pairs = snli_hypotheses(scene, rng)
+        assert len(pairs) == 2 + (1 if visible else 0)
+        for label, hypothesis in pairs:
+            counts[label] += 1
+            if label == 2:
+                assert _claimed(hypothesis) in visible, (scene, hypothesis)
+            else:
+                assert _claimed(hypothesis) not in visible, (scene, hypothesis)
+                assert label == (1 if scene.hidden else 0), (scene, hypothesis)
+    assert min(counts.values()) > 0.25 * sum(counts.values()), counts  # no class is rare
