@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,13 +50,12 @@ def demo_pretrained(demo_shards, tmp_path_factory) -> Path:
     """The demo's pre-training, once per session: pretrain/configs/tiny.yaml unchanged (2 local ranks under the
     DeepSpeed launcher, 300 steps at global batch 64) on the demo world's COCO shards. Returns the run folder;
     its fp32 export is RUN/export/model_fp32.pt (what the demo's fine-tuning batch starts from)."""
-    import subprocess
-
     run_dir = tmp_path_factory.mktemp("demo_pretrain") / "run"
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(29600 + os.getpid() % 300), "--module", "pretrain", "--config", str(REPO / "pretrain/configs/tiny.yaml"),
-               f"run.dir={run_dir}", f"data.train_shards=[{demo_shards}/coco/train-*.tar]",
-               f"data.val_shards=[{demo_shards}/coco/test-*.tar]", "run.progress=false"]
+               str(29600 + os.getpid() % 300), "--module", "pretrain",
+               "--config", str(REPO / "pretrain/configs/tiny.yaml"), f"run.dir={run_dir}",
+               f"data.train_shards=[{demo_shards}/coco/train-*.tar]", f"data.val_shards=[{demo_shards}/coco/test-*.tar]",
+               "run.progress=false"]
     result = subprocess.run(command, cwd=REPO, env=rank_env(2), capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     export = run_dir / "export" / "model_fp32.pt"

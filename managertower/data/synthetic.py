@@ -65,9 +65,6 @@ class Scene:
     def visible(self) -> tuple[Shape, ...]:
         return tuple(shape for shape in self.shapes if shape.position != self.hidden)
 
-    def at(self, position: str) -> Shape | None:
-        return next((shape for shape in self.shapes if shape.position == position), None)
-
 
 def _pick(rng, options: Sequence):
     """rng.choice for random.Random and numpy Generators alike (numpy would turn tuples into arrays)."""
