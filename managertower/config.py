@@ -112,7 +112,13 @@ class DataConfig:
     mlm_probability: float = 0.15
     itm_negative_fraction: float = 0.5
     num_threads: int = 2  # decoding threads (DALI) / worker processes (webdataset) per rank
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # image samples shuffled per dataset stream
+    # > 1: training batches are drawn at random from the examples (captions, questions, hypotheses) of this many
+    # decoded images, so that one image's examples do not fill a batch together (e.g. 256); 1 (the default):
+    # an image's examples go into batches side by side, in order. A pool costs example_pool decoded images of
+    # memory on the batch device (256 x 288 px fp32: 255 MB); checkpoints keep their encoded bytes (DALI) or, on
+    # the webdataset backend, the decoded images. Use 256 on real data; see the README (Data loading).
+    example_pool: int = 1
     max_bad_fraction: float = 0.01  # corrupt samples tolerated before the run stops
     hard_negative_eval: bool = True  # synthetic data: also report ITM against one-attribute hard negatives
 
@@ -132,6 +138,7 @@ class DataConfig:
         if not 0 <= self.itm_negative_fraction <= 1:
             raise ConfigError(f"data.itm_negative_fraction must be in [0, 1], got {self.itm_negative_fraction}")
         _check_positive("data.num_threads", self.num_threads)
+        _check_positive("data.example_pool", self.example_pool)
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 

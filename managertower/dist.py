@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -89,6 +90,45 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+def remove_stale_shm_buffers(folder: str = "/dev/shm", min_age_s: float = 60.0) -> list[str]:
+    """Unlink DeepSpeed's CPU all-reduce buffers (FOLDER/deepspeed_allreduce_buffer_*, ~69 MB per rank) that no
+    live process maps and that are older than `min_age_s` (a starting job maps its own within milliseconds).
+
+    DeepSpeed's CPU shared-memory collective never unlinks them, so every run, and every killed one, leaves its
+    ranks' buffers in RAM-backed /dev/shm: about 330 of them (22 GB) filled this 24 GB machine in a day of test
+    runs, and later runs stalled or were killed. Local rank 0 calls this at start-up on the CPU."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(SHM_BUFFER_PREFIX)]
+    except OSError:
+        return []
+    if not names:
+        return []
+    mapped: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as handle:
+                mapped.update(line.rsplit("/", 1)[-1].strip() for line in handle if SHM_BUFFER_PREFIX in line)
+        except OSError:
+            continue
+    removed = []
+    now = time.time()
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            if name in mapped or now - os.stat(path).st_mtime < min_age_s:
+                continue
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
 def init(timeout_s: int = 600) -> None:
     """Start the process group through DeepSpeed (gloo on the CPU, nccl on GPUs)."""
     discover_env()
@@ -96,6 +136,10 @@ def init(timeout_s: int = 600) -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+    elif local_rank() == 0:
+        removed = remove_stale_shm_buffers()
+        if removed:
+            print(f"removed {len(removed)} stale DeepSpeed shared-memory buffers from /dev/shm", flush=True)
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,

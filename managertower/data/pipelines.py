@@ -12,9 +12,12 @@ How a batch is made
 Each dataset is one *source*: a stream of image samples (this rank's part of the dataset's shards, shuffled per
 epoch in training). Per image sample the loader draws the dataset with a seeded weighted choice (weights 3:1 ->
 ~75% of the image samples from the first), calls `expand(meta)` to get its examples (one per caption, per
-question, ...), and appends them to a buffer; a batch is the first `batch_size` examples and the rest stay in
-the buffer for the next batch (each image is decoded once for all its examples). `collate(examples, images)`
-makes the batch dict; the loader adds `pixel_values` (and `pixel_values_2` for a second image, NLVR2).
+question, ...), and appends them to a buffer (each image is decoded once for all its examples). In training
+with `example_pool` P > 1, the buffer is kept at the examples of at least P images and a batch is `batch_size`
+examples drawn from it at random (seeded), so one image's captions or hypotheses do not fill a batch together;
+otherwise (P = 1, and always in evaluation) a batch is the first `batch_size` examples, in order.
+`collate(examples, images)` makes the batch dict; the loader adds `pixel_values` (and `pixel_values_2` for a
+second image, NLVR2).
 
 Ranks split each dataset as DALI does: rank r of W reads samples [N r / W, N (r + 1) / W) of the concatenated
 shards (N from the `.idx` files), for both backends, so a finite pass over W ranks covers every sample once.
@@ -31,8 +34,9 @@ webdataset: `webdataset.WebDataset` tar reading, PIL decoding and torchvision tr
             round-robin puts them back in stream order, so the output does not depend on the worker count.
 
 Exact resume: the state holds the DALI reader checkpoints (or the webdataset stream positions), the samples read
-but not yet used, the example buffer (with its decoded images), the mixing generator, the collator's state and
-the counters. Augmentation choices are a function of each sample's position (see `augment.py`).
+but not yet used, the example buffer (with its images' encoded bytes, decoded again on restore, or the decoded
+images on the webdataset backend), the mixing and pool generators, the collator's state and the counters.
+Augmentation choices are a function of each sample's position (see `augment.py`).
 """
 from __future__ import annotations
 
@@ -100,11 +104,13 @@ def sample_seed(seed: int, rank: int, dataset: int, position: int) -> int:
 
 
 def _raw_state(raw: RawSample) -> dict:
+    """What a checkpoint keeps of a sample still in the loader: the encoded bytes where there are (DALI: decoded
+    again, to the same pixels, on restore; a tenth of the size), else the decoded tensors (webdataset)."""
     state = {"dataset": raw.dataset, "position": raw.position, "key": raw.key, "meta": raw.meta, "seed": raw.seed}
-    if raw.decoded is not None:
-        state["decoded"] = [t.detach().cpu() for t in raw.decoded]
-    elif raw.encoded is not None:
+    if raw.encoded is not None:
         state["encoded"] = [bytes(b) for b in raw.encoded]
+    elif raw.decoded is not None:
+        state["decoded"] = [t.detach().cpu() for t in raw.decoded]
     return state
 
 
@@ -346,6 +352,9 @@ class _DaliDecoder:
         """One tensor per image (geometry: (crop, width, height)), or the error message where it failed."""
         if not encoded:
             return []
+        if len(encoded) > self.max_batch:  # the pipeline's batch size is its most; larger calls go in parts
+            return [image for start in range(0, len(encoded), self.max_batch)
+                    for image in self(encoded[start:start + self.max_batch], geometry[start:start + self.max_batch])]
         try:
             return list(self._run(encoded, geometry).unbind(0))
         except RuntimeError:
@@ -575,13 +584,14 @@ class Loader:
     def __init__(self, sources: list, weights: list[float], *, backend: str, batch_size: int, image_size: int,
                  exts: tuple[str, ...], expand: Callable, collate: Callable, train: bool, augment: str, hflip: bool,
                  device: torch.device, decoder: _DaliDecoder | None, max_bad_fraction: float,
-                 bad_fraction_floor: int, seed: int, rank: int, prefetch: int):
+                 bad_fraction_floor: int, seed: int, rank: int, prefetch: int, example_pool: int = 1):
         self.sources, self.weights = sources, torch.tensor(weights, dtype=torch.double)
         self.backend, self.batch_size, self.image_size, self.exts = backend, batch_size, image_size, exts
         self.expand, self.collate, self.train, self.augment, self.hflip = expand, collate, train, augment, hflip
         self.device, self.decoder = device, decoder
         self.max_bad_fraction, self.bad_fraction_floor = max_bad_fraction, bad_fraction_floor
         self.seed, self.rank, self.prefetch = seed, rank, prefetch
+        self.example_pool = example_pool if train else 1  # evaluation keeps the order
         self._expand_takes_rng = _takes_rng(expand)
         self._initial_collate = collate.state_dict() if hasattr(collate, "state_dict") else None
         self._reset_working_state()
@@ -620,13 +630,15 @@ class Loader:
     # -- working state (the producer's, possibly ahead of the committed one) --
     def _reset_working_state(self) -> None:
         self._mix = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, "mix"))
+        self._pick = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, "pool"))
         self._buffer: list[tuple[dict, RawSample]] = []
         self._counts = {"samples_seen": 0, "images_seen": 0, "bad_samples": 0, "batches": 0}
         self._active = [True] * len(self.sources)
 
     def _snapshot(self) -> dict:
         return {"sources": [s.snapshot() for s in self.sources], "buffer": list(self._buffer),
-                "mix": self._mix.get_state().clone(), "active": list(self._active),
+                "mix": self._mix.get_state().clone(), "pick": self._pick.get_state().clone(),
+                "active": list(self._active),
                 "collate": self.collate.state_dict() if hasattr(self.collate, "state_dict") else None,
                 **self._counts}
 
@@ -703,10 +715,18 @@ class Loader:
                 f"samples); last: {key!r} of dataset {dataset} ({error}). Run `python -m dataprep verify` on the "
                 "shards, or raise data.max_bad_fraction")
 
-    def _make_batch(self) -> dict | None:
-        while len(self._buffer) < self.batch_size:
-            new: list[RawSample] = []
-            while len(self._buffer) + sum(len(e) for _, e in new) < self.batch_size:
+    def _fill(self, examples: int, images: int) -> None:
+        """Read, expand and decode image samples into the buffer until it holds `examples` examples from at least
+        `images` images, or the sources end (a finite pass)."""
+        undecoded = list({id(raw): raw for _, raw in self._buffer if raw.decoded is None}.values())
+        if undecoded:  # restored from a checkpoint as encoded bytes: decode them again (same pixels)
+            bad = {id(r) for r in self._decode(undecoded)}
+            self._buffer = [(example, raw) for example, raw in self._buffer if id(raw) not in bad]
+        have = len({id(raw) for _, raw in self._buffer})
+        while len(self._buffer) < examples or have < images:
+            new: list[tuple[RawSample, list[dict]]] = []
+            count = len(self._buffer)
+            while count < examples or have + len(new) < images:
                 raw = self._next_raw()
                 if raw is None:
                     break
@@ -716,19 +736,34 @@ class Loader:
                 if raw.meta.get("__bad_json__"):
                     self._warn_bad(raw.key, raw.dataset, "metadata is not valid JSON")
                     continue
-                examples = self._expand(raw)
-                if examples:
-                    new.append((raw, examples))
+                expanded = self._expand(raw)
+                if expanded:
+                    new.append((raw, expanded))
+                    count += len(expanded)
             if not new:
                 break
             bad = {id(r) for r in self._decode([r for r, _ in new])} if self.decoder is not None else set()
-            for raw, examples in new:
+            for raw, expanded in new:
                 if id(raw) not in bad:
                     self._counts["images_seen"] += 1
-                    self._buffer.extend((example, raw) for example in examples)
-        if not self._buffer:
-            return None
-        chosen, self._buffer = self._buffer[: self.batch_size], self._buffer[self.batch_size:]
+                    self._buffer.extend((example, raw) for example in expanded)
+                    have += 1
+
+    def _make_batch(self) -> dict | None:
+        if self.example_pool > 1:
+            # Examples of one image (5 captions, ~18 SNLI-VE hypotheses) would otherwise fill a batch together:
+            # draw the batch at random from the examples of `example_pool` images.
+            self._fill(self.batch_size, self.example_pool)
+            if not self._buffer:
+                return None
+            picks = set(torch.randperm(len(self._buffer), generator=self._pick)[:self.batch_size].tolist())
+            chosen = [item for i, item in enumerate(self._buffer) if i in picks]
+            self._buffer = [item for i, item in enumerate(self._buffer) if i not in picks]
+        else:
+            self._fill(self.batch_size, 0)
+            if not self._buffer:
+                return None
+            chosen, self._buffer = self._buffer[: self.batch_size], self._buffer[self.batch_size:]
         examples = [e for e, _ in chosen]
         images = tuple(self._batch_images([raw.decoded[k] for _, raw in chosen]) for k in range(len(self.exts)))
         batch = self.collate(examples, images)
@@ -857,14 +892,17 @@ class Loader:
             sources.append(snap)
         return {"version": STATE_VERSION, "backend": self.backend, "batch_size": self.batch_size,
                 "rank": self.rank, "seed": self.seed, "num_datasets": len(self.sources),
+                "example_pool": self.example_pool,
                 "sources": sources, "raws": list(raws.values()), "buffer": buffer, "mix": committed["mix"].clone(),
+                "pick": committed["pick"].clone(),
                 "active": list(committed["active"]), "collate": committed["collate"],
                 **{k: committed[k] for k in ("samples_seen", "images_seen", "bad_samples", "batches")}}
 
     def load_state_dict(self, state: dict) -> None:
         mismatched = [f"{k}: saved {state.get(k)!r}, this loader {v!r}" for k, v in (
             ("version", STATE_VERSION), ("backend", self.backend), ("batch_size", self.batch_size),
-            ("rank", self.rank), ("seed", self.seed), ("num_datasets", len(self.sources))) if state.get(k) != v]
+            ("rank", self.rank), ("seed", self.seed), ("num_datasets", len(self.sources)),
+            ("example_pool", self.example_pool)) if state.get(k, 1 if k == "example_pool" else None) != v]
         if mismatched:
             raise ValueError("the data-loader state does not fit this loader (" + "; ".join(mismatched) + "); resume "
                              "with the same data settings, batch size and world size, or start the data afresh")
@@ -875,6 +913,11 @@ class Loader:
         self._buffer = [(item["example"], raws[item["raw"]]) for item in state["buffer"]]
         self._mix = torch.Generator()
         self._mix.set_state(state["mix"].clone())
+        self._pick = torch.Generator()
+        if "pick" in state:
+            self._pick.set_state(state["pick"].clone())
+        else:
+            self._pick.manual_seed(mix_seed(self.seed, self.rank, "pool"))
         self._active = list(state["active"])
         if state.get("collate") is not None and hasattr(self.collate, "load_state_dict"):
             self.collate.load_state_dict(state["collate"])
@@ -920,7 +963,7 @@ def build_loader(shards: list[list[str]], weights: list[float] | None = None, *,
                  expand: Callable, collate: Callable | None = None, images: tuple[str, ...] = ("jpg",),
                  train: bool = True, augment: str = "none", hflip: bool = True, num_threads: int = 2,
                  shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01, bad_fraction_floor: int = 1000,
-                 device: str | torch.device = "auto", prefetch: int = 2) -> Loader:
+                 device: str | torch.device = "auto", prefetch: int = 2, example_pool: int = 1) -> Loader:
     """A rank-aware loader over dataprep shards (module docstring). Fails fast, with the fix, on bad settings.
 
     shards: one list of .tar paths per dataset (`expand_shards` turns folders, globs and brace ranges into one);
@@ -930,7 +973,8 @@ def build_loader(shards: list[list[str]], weights: list[float] | None = None, *,
     over this rank's part with the last partial batch kept; augment: "none" (resize + centre crop) or
     "finetune" (RandomResizedCrop 0.5-1, flip unless hflip=False, RandAugment(2, 7)); num_threads: DALI
     decoding threads or webdataset worker processes; device: where batches go ("auto": cuda when available;
-    DALI then decodes with device="mixed").
+    DALI then decodes with device="mixed"); example_pool: when training, each batch is drawn at random from the
+    examples of this many decoded images (1: an image's examples stay together, in order).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
@@ -947,6 +991,8 @@ def build_loader(shards: list[list[str]], weights: list[float] | None = None, *,
         raise ConfigError(f"shuffle_buffer must be >= 1 when training, got {shuffle_buffer}")
     if not 0 <= max_bad_fraction <= 1:
         raise ConfigError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    if not isinstance(example_pool, int) or example_pool < 1:
+        raise ConfigError(f"example_pool must be an integer >= 1 (1: no mixing), got {example_pool!r}")
     if not images or len(set(images)) != len(images) or "json" in images:
         raise ConfigError(f"images={images!r} must name distinct image members such as ('jpg',) or "
                           "('jpg', 'img1.jpg')")
@@ -980,7 +1026,8 @@ def build_loader(shards: list[list[str]], weights: list[float] | None = None, *,
     return Loader(sources, list(map(float, weights)), backend=backend, batch_size=batch_size, image_size=image_size,
                   exts=exts, expand=expand, collate=collate or default_collate, train=train, augment=augment,
                   hflip=hflip, device=device, decoder=decoder, max_bad_fraction=max_bad_fraction,
-                  bad_fraction_floor=bad_fraction_floor, seed=seed, rank=rank, prefetch=prefetch)
+                  bad_fraction_floor=bad_fraction_floor, seed=seed, rank=rank, prefetch=prefetch,
+                  example_pool=example_pool)
 
 
 def build_pretrain_loader(data_cfg, model_cfg, tokenizer, *, micro_batch: int, rank: int = 0, world_size: int = 1,
@@ -1013,4 +1060,4 @@ def build_pretrain_loader(data_cfg, model_cfg, tokenizer, *, micro_batch: int, r
                         expand=partial(expand_pretrain, per_caption=data_cfg.per_caption), collate=collator,
                         train=split == "train", augment="none", num_threads=data_cfg.num_threads,
                         shuffle_buffer=data_cfg.shuffle_buffer, max_bad_fraction=data_cfg.max_bad_fraction,
-                        device=device, prefetch=prefetch)
+                        device=device, prefetch=prefetch, example_pool=data_cfg.example_pool)

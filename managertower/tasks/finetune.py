@@ -218,7 +218,7 @@ class FinetuneTask(Task):
                             seed=self.cfg.train.seed, expand=expand, collate=collate, images=self.images,
                             train=train, augment="finetune" if (train and self.cfg.task.augment) else "none",
                             hflip=self.hflip, num_threads=data.num_threads, shuffle_buffer=data.shuffle_buffer,
-                            max_bad_fraction=data.max_bad_fraction, device=device)
+                            max_bad_fraction=data.max_bad_fraction, device=device, example_pool=data.example_pool)
 
     def build_train_loader(self, rank: int, world_size: int, device: torch.device):
         return self._loader(shard_paths(self.cfg.task.train_shards, "train_shards"), train=True, rank=rank,

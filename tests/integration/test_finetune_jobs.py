@@ -50,7 +50,7 @@ def test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped(de
     out = tmp_path / "batch"
     jobs = jobs_yaml(tmp_path / "jobs.yaml", out, demo_shards, "none", ["snli_ve"], num_gpus=2,
                      overrides=[f"train.steps={steps}", f"checkpoint.every={every}", "train.log_every=1",
-                                "checkpoint.keep=5"])
+                                "checkpoint.keep=5", "data.example_pool=16"])  # the pool resumes too
     command = [sys.executable, "-m", "finetune.batch", str(jobs)]
     run_dir = out / "snli_ve-seed0"
     process = subprocess.Popen(command, cwd=REPO, env=rank_env(2), stdout=subprocess.DEVNULL,

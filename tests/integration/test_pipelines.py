@@ -112,11 +112,11 @@ def _equal(a, b):
             assert a[key] == b[key], key
 
 
-@pytest.mark.parametrize("backend", ["dali", "webdataset"])
-def test_exact_resume(data, tokenizer, backend):
+@pytest.mark.parametrize("backend, pool", [("dali", 1), ("webdataset", 1), ("dali", 6), ("webdataset", 6)])
+def test_exact_resume(data, tokenizer, backend, pool):
     def make():
         return _loader([data["a"], data["b"]], backend, weights=[2.0, 1.0], train=True, seed=3, batch_size=7,
-                       collate=PretrainCollator(tokenizer, 16, seed=3))
+                       collate=PretrainCollator(tokenizer, 16, seed=3), example_pool=pool)
 
     reference = make()
     it = iter(reference)
@@ -134,6 +134,8 @@ def test_exact_resume(data, tokenizer, backend):
     torch.save(first.state_dict(), buffer)
     first.close()
     state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    # DALI keeps the encoded bytes of the samples still in the buffer (decoded again on restore), not pixels
+    assert all(("encoded" in raw) == (backend == "dali") for raw in state["raws"])
 
     resumed = make()
     resumed.load_state_dict(state)
@@ -144,9 +146,11 @@ def test_exact_resume(data, tokenizer, backend):
     assert resumed.samples_seen == reference.samples_seen
 
 
-def test_exact_resume_finetune_augmentation(data):
+@pytest.mark.parametrize("pool", [1, 8])
+def test_exact_resume_finetune_augmentation(data, pool):
     def make():
-        return _loader([data["a"]], "dali", train=True, augment="finetune", batch_size=6, prefetch=0)
+        return _loader([data["a"]], "dali", train=True, augment="finetune", batch_size=6, prefetch=0,
+                       example_pool=pool)
 
     uninterrupted = [b for _, b in zip(range(5), make())]
     first = make()
@@ -157,9 +161,32 @@ def test_exact_resume_finetune_augmentation(data):
     for expected in uninterrupted[2:]:
         _equal(expected, next(iter(resumed)))
     # augmented crops differ from the plain resize + centre crop
-    plain = next(iter(_loader([data["a"]], "dali", train=True, batch_size=6)))
+    plain = next(iter(_loader([data["a"]], "dali", train=True, batch_size=6, example_pool=pool)))
     assert plain["keys"] == uninterrupted[0]["keys"]
     assert (plain["pixel_values"] - uninterrupted[0]["pixel_values"]).abs().mean() > 0.05
+
+
+@pytest.mark.parametrize("backend", ["dali", "webdataset"])
+def test_example_pool_mixes_images_into_batches_without_repeats(data, backend):
+    """One image's captions fill a batch together without the pool; with it, a batch draws from many images, and
+    in the first pass over the data no example comes twice and none is lost."""
+    def batches(pool, count):
+        loader = _loader([data["a"]], backend, train=True, batch_size=6, example_pool=pool, shuffle_buffer=4)
+        out = [b for _, b in zip(range(count), loader)]
+        loader.close()
+        return out
+
+    def images_per_batch(out):
+        return sum(len(set(b["keys"])) for b in out) / len(out)
+
+    captions = sum(1 + i % 3 for i in range(37))  # 73 examples of 37 images
+    plain, mixed = batches(1, 8), batches(16, 8)
+    assert images_per_batch(mixed) > images_per_batch(plain) + 1, (images_per_batch(plain), images_per_batch(mixed))
+    seen = [(k, t) for b in mixed for k, t in zip(b["keys"], b["texts"])]
+    assert len(seen) == 48 and len(set(seen)) == 48  # 48 of 73: still in the first epoch
+    # over a whole epoch and a bit, every example of the first epoch comes out
+    everything = [(k, t) for b in batches(16, -(-captions // 6) + 8) for k, t in zip(b["keys"], b["texts"])]
+    assert len(set(everything)) == captions
 
 
 def test_finetune_augmentation_agrees_across_backends(data):
