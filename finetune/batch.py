@@ -217,7 +217,7 @@ def run_job(job: Job, in_process: bool) -> int:
         return finetune_main(job.arguments())
     command = job_command(job)
     print("$ " + " ".join(command), flush=True)
-    with open(job.run_dir / "launch.log", "a") as log:
+    with open(job.run_dir / "launch.log", "a", buffering=1) as log:  # line by line: readable while it runs
         process = subprocess.Popen(command, env=rank_env(job.num_gpus), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
         for line in process.stdout:  # echo and keep the job's output
