@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         print(len(jobs))
         return 0
     if args.submit:
-        return submit(args, jobs)
+        return submit(args, jobs, out_dir)
     chosen = jobs if args.array_index is None else [jobs[args.array_index]]
     if args.dry_run:
         print(f"{len(jobs)} jobs -> {out_dir}")
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def submit(args, jobs: list[Job]) -> int:
+def submit(args, jobs: list[Job], out_dir: Path) -> int:
     """sbatch one array over the jobs: task I runs `--array-index I` (cluster/slurm/finetune_array.sbatch) in the
     submit directory, and every task rewrites OUT/results.{json,md} when its job ends, so the table is whole
     once the last one finishes. Prints the job id."""
@@ -380,8 +380,8 @@ def submit(args, jobs: list[Job]) -> int:
         print(f"error: sbatch failed ({result.returncode}): {result.stderr.strip()}", file=sys.stderr)
         return result.returncode
     job_id = result.stdout.strip().split(";")[0]
-    print(f"submitted array job {job_id}: {len(jobs)} tasks; results in {Path(args.out or jobs[0].run_dir.parent)}"
-          f"/results.md as they finish (squeue -j {job_id})", flush=True)
+    print(f"submitted array job {job_id}: {len(jobs)} tasks; results in {out_dir / 'results.md'}"
+          f" as they finish (squeue -j {job_id})", flush=True)
     return 0
 
 

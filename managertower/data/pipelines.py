@@ -718,10 +718,6 @@ class Loader:
     def _fill(self, examples: int, images: int) -> None:
         """Read, expand and decode image samples into the buffer until it holds `examples` examples from at least
         `images` images, or the sources end (a finite pass)."""
-        undecoded = list({id(raw): raw for _, raw in self._buffer if raw.decoded is None}.values())
-        if undecoded:  # restored from a checkpoint as encoded bytes: decode them again (same pixels)
-            bad = {id(r) for r in self._decode(undecoded)}
-            self._buffer = [(example, raw) for example, raw in self._buffer if id(raw) not in bad]
         have = len({id(raw) for _, raw in self._buffer})
         while len(self._buffer) < examples or have < images:
             new: list[tuple[RawSample, list[dict]]] = []
@@ -910,7 +906,6 @@ class Loader:
         for source, snap in zip(self.sources, state["sources"]):
             source.restore(snap, self.device)
         raws = [_raw_from_state(r, self.device) for r in state["raws"]]
-        self._buffer = [(item["example"], raws[item["raw"]]) for item in state["buffer"]]
         self._mix = torch.Generator()
         self._mix.set_state(state["mix"].clone())
         self._pick = torch.Generator()
@@ -922,6 +917,11 @@ class Loader:
         if state.get("collate") is not None and hasattr(self.collate, "load_state_dict"):
             self.collate.load_state_dict(state["collate"])
         self._counts = {k: int(state[k]) for k in ("samples_seen", "images_seen", "bad_samples", "batches")}
+        # The buffer's images were saved as their encoded bytes (DALI): decode them again, to the same pixels.
+        undecoded = [raw for raw in raws if raw.decoded is None]
+        bad = {id(r) for r in self._decode(undecoded)} if undecoded else set()
+        self._buffer = [(item["example"], raws[item["raw"]]) for item in state["buffer"]
+                        if id(raws[item["raw"]]) not in bad]
         self._committed = self._snapshot()
         self._exhausted = False
 

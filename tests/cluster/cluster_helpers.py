@@ -178,6 +178,19 @@ def job_fields(job_id: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+
+
+def array_task_states(job_id: str, count: int) -> list[str] | None:
+    """The JobState of each of an array job's `count` tasks once all have ended, else None (for wait_for)."""
+    shown = _quiet(["scontrol", "show", "job", "-o", job_id], timeout=30)
+    if shown is None:
+        return None
+    states = [dict(item.split("=", 1) for item in line.split() if "=" in item).get("JobState")
+              for line in shown.stdout.splitlines() if line.strip()]
+    return states if len(states) == count and all(state in ENDED for state in states) else None
+
+
 def submit(script: str, args: list[str], log: Path, env: dict[str, str], sbatch_options: list[str] = ()) -> str:
     command = ["sbatch", "--parsable", f"--output={log}", *sbatch_options, str(REPO / script), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
@@ -185,8 +198,7 @@ def submit(script: str, args: list[str], log: Path, env: dict[str, str], sbatch_
     return result.stdout.strip().split(";")[0]
 
 
-def wait_for_job(job_id: str, log: Path, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                                  "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")) -> dict:
+def wait_for_job(job_id: str, log: Path, timeout: float, states=ENDED) -> dict:
     """Poll `scontrol show job` (there is no accounting database, so no sacct) until the job is in `states`.
     On timeout the job is cancelled and the test fails with the log tail."""
     def done():

@@ -10,8 +10,8 @@ import subprocess
 import pytest
 
 from cluster_fixtures import deepspeed_cpu_ops, shard_root, slurm, slurm_jobs  # noqa: F401 (pytest fixtures)
-from cluster_helpers import (PYTHON, REPO, assert_finished, job_fields, latest_step, metrics, pretrain_args, resumed_steps,
-                             run_env, submit, wait_for, wait_for_job)
+from cluster_helpers import (PYTHON, REPO, array_task_states, assert_finished, job_fields, latest_step, metrics,
+                             pretrain_args, resumed_steps, run_env, submit, wait_for, wait_for_job)
 
 pytestmark = pytest.mark.cluster
 
@@ -105,13 +105,7 @@ def test_dataprep_array_parts_make_one_complete_folder(slurm, shard_root, tmp_pa
                                                          "--samples-per-shard", "50"],
                  log, run_env(), ["--array=0-1", "--cpus-per-task=1", "--time=10"])
 
-    def tasks_done():
-        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
-        states = [dict(item.split("=", 1) for item in line.split() if "=" in item).get("JobState")
-                  for line in shown.stdout.splitlines() if line.strip()]
-        return states if len(states) == 2 and all(s in ("COMPLETED", "FAILED", "CANCELLED") for s in states) else None
-
-    states = wait_for(tasks_done, 180, f"array job {job}", interval=1.0)
+    states = wait_for(lambda: array_task_states(job, 2), 180, f"array job {job}", interval=1.0)
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("dataprep-*.out")))
     assert states == ["COMPLETED", "COMPLETED"], f"{states}\n{logs[-4000:]}"
     assert "part 0/2" in logs and "part 1/2" in logs
@@ -147,15 +141,9 @@ def test_finetune_batch_submits_one_array_and_collects_one_table(slurm, slurm_jo
     job = re.search(r"submitted array job (\d+)", result.stdout).group(1)
     slurm_jobs.append(job)
 
-    def tasks_done():
-        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
-        states = [dict(item.split("=", 1) for item in line.split() if "=" in item).get("JobState")
-                  for line in shown.stdout.splitlines() if line.strip()]
-        return states if len(states) == 2 and all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-                                                  for s in states) else None
-
     logs = lambda: "".join(p.read_text() for p in sorted(tmp_path.glob("finetune-*.out")))  # noqa: E731
-    states = wait_for(tasks_done, 2 * JOB_TIMEOUT, f"array job {job}", interval=1.0, on_timeout=lambda: logs()[-4000:])
+    states = wait_for(lambda: array_task_states(job, 2), 2 * JOB_TIMEOUT, f"array job {job}", interval=1.0,
+                      on_timeout=lambda: logs()[-4000:])
     assert states == ["COMPLETED", "COMPLETED"], f"{states}\n{logs()[-4000:]}"
     assert "array task 0" in logs() and "array task 1" in logs()
     rows = json.loads((out / "results.json").read_text())
