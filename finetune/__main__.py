@@ -49,6 +49,10 @@ def build_config(task: str | None, config: str | None, init_from: str | None, ov
         if not os.path.exists(init_from):
             raise ConfigError(f"--from {init_from!r} does not exist: give a pre-training run folder, a step-N "
                               "folder or an exported .pt file")
+        if os.path.isdir(init_from):  # a folder without a complete checkpoint fails here, before DeepSpeed starts
+            from managertower.engine.checkpoint import find_checkpoint
+
+            find_checkpoint(init_from)
         head.append(f"checkpoint.init_from={init_from}")
     cfg = load_config(config, head + list(overrides))
     if cfg.task.name not in TASK_NAMES:

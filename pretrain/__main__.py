@@ -67,12 +67,10 @@ def export(argv: list[str]) -> int:
     parser.add_argument("source", help="a run folder, its checkpoints/ folder, or a step-N folder")
     parser.add_argument("--out", default=None, help="default: SOURCE/export/model_fp32.pt")
     args = parser.parse_args(argv)
-    source = Path(args.source)
-    folder = source if (source / ckpt.COMPLETE).exists() else (ckpt.find_resume(source / "checkpoints")
-                                                                or ckpt.find_resume(source))
-    if folder is None:
-        print(f"error: {source} holds no complete checkpoint", file=sys.stderr)
-        return 2
+    try:
+        folder = ckpt.find_checkpoint(args.source)
+    except ckpt.CheckpointNotFound as err:
+        return user_error(err)
     run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
     out = Path(args.out) if args.out else run_dir / "export" / "model_fp32.pt"
     ckpt.export_fp32(folder, out)

@@ -9,10 +9,15 @@ Layout under RUN/checkpoints/:
 
 A crash during a save leaves `.tmp-step-N` behind (ignored, removed by the next save) and `latest` still
 naming the previous checkpoint. `resume=auto` takes `latest`, or the newest `step-N` with COMPLETE.
+
+Every door that takes a checkpoint from the user (checkpoint.resume=PATH, checkpoint.init_from / finetune --from,
+`python -m pretrain export`) finds it with `find_checkpoint`: a step-N folder, a checkpoints/ folder or a run
+folder, and one error when none of them holds a complete checkpoint.
 """
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import random
@@ -26,19 +31,16 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..config import ConfigError
+from ..io import atomic_write, atomic_write_json
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+class CheckpointNotFound(ConfigError, FileNotFoundError):
+    """A path given as a checkpoint holds none: a user error (ConfigError) that is also a FileNotFoundError."""
 
 
 def _fault_point(where: str, step: int) -> None:
@@ -85,19 +87,30 @@ def find_resume(ckpt_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The complete checkpoint a user-given `path` names: `path` itself if it is a step-N folder with COMPLETE;
+    for a checkpoints/ folder, or a run folder holding one, its `latest` or newest complete step-N. Raises
+    CheckpointNotFound (one line naming the path and what to give instead) otherwise."""
+    path = Path(path)
+    if (path / COMPLETE).exists():
+        return path
+    found = find_resume(path) or find_resume(path / "checkpoints")
+    if found is not None:
+        return found
+    what = "does not exist" if not path.exists() else \
+        f"is not a complete checkpoint (no {COMPLETE} file) nor a folder holding one"
+    raise CheckpointNotFound(f"{path} {what}: give a step-N folder with {COMPLETE}, a checkpoints/ folder or a "
+                             "run folder")
+
+
 def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `checkpoint.resume` continues from: none, the newest in this run's `ckpt_dir` (auto; None
+    before the first save), or the one a path names (`find_checkpoint`)."""
     if resume == "none":
         return None
     if resume == "auto":
         return find_resume(ckpt_dir)
-    path = Path(resume)
-    if (path / COMPLETE).exists():
-        return path
-    nested = find_resume(path) or find_resume(path / "checkpoints")
-    if nested is None:
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete checkpoint (no {COMPLETE} file) "
-                                "nor a folder holding one; use resume=auto, resume=none or a step-N folder")
-    return nested
+    return find_checkpoint(resume)
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -122,12 +135,12 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, meta: dict, rank_state:
     dist.barrier()
     if dist.is_main():
         meta = {**meta, "step": step, "world_size": dist.world_size(), "saved_at": time.time()}
-        _atomic_write(tmp_dir / META, json.dumps(meta, indent=1, default=str))
-        _atomic_write(tmp_dir / COMPLETE, "")
+        atomic_write_json(tmp_dir / META, meta)
+        atomic_write(tmp_dir / COMPLETE, "")
         if final_dir.exists():  # the same step saved again after a resume
             shutil.rmtree(final_dir)
         os.replace(tmp_dir, final_dir)
-        _atomic_write(ckpt_dir / "latest", tag)
+        atomic_write(ckpt_dir / "latest", tag)
         for _, old in complete_checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -154,12 +167,9 @@ def export_fp32(path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
     """One fp32 file for fine-tuning, as zero_to_fp32 would write it, plus the run's config and step."""
     path = Path(path)
     meta = read_meta(path) if (path / META).exists() else {}
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    torch.save({"state_dict": fp32_state_dict(path), "config": meta.get("config"), "step": meta.get("step")}, tmp)
-    os.replace(tmp, out_file)
-    return out_file
+    buffer = io.BytesIO()
+    torch.save({"state_dict": fp32_state_dict(path), "config": meta.get("config"), "step": meta.get("step")}, buffer)
+    return atomic_write(out_file, buffer.getvalue())
 
 
 def load_weights_file(source: str | os.PathLike) -> tuple[dict, dict | None]:
@@ -170,9 +180,6 @@ def load_weights_file(source: str | os.PathLike) -> tuple[dict, dict | None]:
         if "state_dict" in blob:
             return blob["state_dict"], blob.get("config")
         return blob, None
-    folder = source if (source / COMPLETE).exists() else (find_resume(source) or find_resume(source / "checkpoints"))
-    if folder is None:
-        raise FileNotFoundError(f"{source} holds no complete checkpoint: pass a step-N folder, a run folder, or "
-                                "a file written by `python -m pretrain export`")
+    folder = find_checkpoint(source)
     meta = read_meta(folder)
     return fp32_state_dict(folder), meta.get("config")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..io import atomic_write, atomic_write_json
 
 
 def _plain(value):
@@ -59,9 +60,7 @@ class RunLogger:
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except json.JSONDecodeError:
                     continue  # a line cut by a crash
-        tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.metrics_path)
+        atomic_write(self.metrics_path, "".join(kept))
 
     def log(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -110,8 +109,8 @@ class RunLogger:
         import matplotlib.pyplot as plt
 
         plt.close(figure)
-        with open(self.run_dir / "manager_weights.json", "w") as handle:
-            json.dump({"step": step, **{k: v.tolist() for k, v in weights.items()}}, handle, indent=1)
+        atomic_write_json(self.run_dir / "manager_weights.json",
+                          {"step": step, **{k: v.tolist() for k, v in weights.items()}})
 
     def close(self) -> None:
         if self.bar is not None:
