@@ -27,7 +27,7 @@ from managertower.cli import USER_ERRORS, add_recipe_options, resolve_config, us
 from managertower.config import ConfigError, load_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-TASK_NAMES = ("vqav2", "nlvr2", "snli_ve", "flickr30k", "coco")
+from managertower.config import FINETUNE_TASKS as TASK_NAMES  # noqa: E402 (the tasks, listed once in config)
 
 
 def default_recipe(task: str) -> str:
