@@ -16,6 +16,7 @@ setup(
         "pretrain": ["configs/*.yaml"],
         "finetune": ["configs/*.yaml", "jobs/*.yaml"],
         "cluster": ["slurm/*.sbatch", "slurm/*.sh", "ci/*.sh"],
+        "ds_configs": ["*.json", "README.md"],  # the ZeRO layouts, read with importlib.resources
     },
     install_requires=[
         # Pinned: both lie on the build machines' disk; a newer torch pulls several GB.

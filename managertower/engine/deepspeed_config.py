@@ -1,14 +1,24 @@
-"""The DeepSpeed config: engine knobs from ds_configs/, batch sizes and clipping from the recipe."""
+"""The DeepSpeed config: the ZeRO layout from the ds_configs package (or train.ds_config), precision, batch sizes
+and clipping from the recipe."""
 from __future__ import annotations
 
+import copy
 import json
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, TrainConfig
+from ..config import DS_LAYOUTS, DS_PRECISION_SECTIONS, TrainConfig, read_ds_config
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# What build_ds_config writes for train.precision when the file has no precision section of its own.
+PRECISION_SECTIONS = {
+    "bf16": {"bf16": {"enabled": True}},
+    # dynamic loss scaling from 2^16, halved after 2 overflows, doubled after 1000 clean steps
+    "fp16": {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}},
+    "fp32": {},
+}
 
 
 def effective_precision(train: TrainConfig) -> str:
@@ -16,24 +26,29 @@ def effective_precision(train: TrainConfig) -> str:
     return train.precision if torch.cuda.is_available() else "fp32"
 
 
-def build_ds_config(train: TrainConfig, world_size: int) -> tuple[dict, Path]:
-    """(config, the file it came from)."""
-    precision = effective_precision(train)
-    path = Path(train.ds_config) if train.ds_config else DS_CONFIG_DIR / f"zero{train.zero_stage}_{precision}.json"
-    if not path.exists():
-        raise ConfigError(f"DeepSpeed config {path} does not exist: set train.ds_config to a file in {DS_CONFIG_DIR} "
-                          "or pick train.zero_stage / train.precision that one exists for")
-    with open(path) as handle:
-        config = json.load(handle)
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
-                "scheduler"):
-        if key in config:
-            raise ConfigError(f"{path} sets {key!r}: ds_configs hold engine knobs only; batch sizes, optimizer "
-                              "and schedule come from the recipe (train.*)")
-    if not torch.cuda.is_available():
-        # The CPU has no fp16/bf16 engine path worth using: run fp32 and say so once in the log.
-        config.pop("bf16", None)
-        config.pop("fp16", None)
+def layout_path(train: TrainConfig) -> Path:
+    """The ds_configs file of (train.zero_stage, train.offload), found as package data of `ds_configs`."""
+    return Path(str(resources.files("ds_configs") / DS_LAYOUTS[(train.zero_stage, train.offload)]))
+
+
+def build_ds_config(train: TrainConfig, world_size: int, precision: str | None = None) -> tuple[dict, Path]:
+    """(config, the file it came from): the layout file (or train.ds_config, checked against the recipe) plus
+    the ZeRO stage and precision section it leaves out, batch sizes and clipping. `precision` is what the engine
+    runs: effective_precision(train) unless given."""
+    if train.ds_config:
+        path = Path(train.ds_config)
+        config = read_ds_config(train)
+    else:
+        path = layout_path(train)
+        config = json.loads(path.read_text())
+    config.setdefault("zero_optimization", {}).setdefault("stage", train.zero_stage)
+    precision = precision or effective_precision(train)
+    if precision == "fp32":
+        # The CPU has no fp16/bf16 engine path worth using: run fp32 (the loop says so once in the log).
+        for section in DS_PRECISION_SECTIONS:
+            config.pop(section, None)
+    elif not any(section in config for section in DS_PRECISION_SECTIONS):
+        config.update(copy.deepcopy(PRECISION_SECTIONS[precision]))
     config["train_batch_size"] = train.global_batch
     config["train_micro_batch_size_per_gpu"] = train.micro_batch
     config["gradient_accumulation_steps"] = train.grad_accum(world_size)

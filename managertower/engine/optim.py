@@ -1,8 +1,9 @@
-"""Parameter groups, optimizer and learning-rate schedule (SPEC §2-3).
+"""Parameter groups, optimizer and learning-rate schedule (the paper, Tables 8 and 9).
 
-Groups: {expert, new} x {decay, no decay}. Experts train at the base lr; the projections, cross-modal layers,
-poolers, managers and heads at `head_lr_mult` x lr (a task may give its own heads another multiplier). Biases,
-LayerNorm weights and the managers' per-input LayerNorm affines get no weight decay.
+Groups: {expert, new, head} x {decay, no decay}. Experts train at the base lr; the projections, cross-modal
+layers, poolers and managers at `train.new_layer_lr_mult` x lr; a fine-tuning task's heads at its
+`task.head_lr_mult` (the task's `lr_multiplier` says which is which). Biases, LayerNorm weights and the managers'
+per-input LayerNorm affines get no weight decay.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+
+OPTIMIZER_KINDS = ("torch_adamw", "fused_adam", "cpu_adam")
+
 
 def is_no_decay(name: str) -> bool:
     """Biases, every LayerNorm (ours, transformers' `LayerNorm`, open_clip's `ln_*`) and temperatures."""
@@ -37,17 +41,30 @@ def param_groups(module: nn.Module, train: TrainConfig, lr_multiplier: Callable[
     return ordered
 
 
-def build_optimizer(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
-    """torch AdamW on the CPU (no native build needed); DeepSpeed's fused Adam on GPUs when asked or auto."""
-    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    kind = train.optimizer
-    if kind == "auto":
-        kind = "deepspeed_adam" if torch.cuda.is_available() else "torch_adamw"
-    if kind == "deepspeed_adam":
-        if torch.cuda.is_available():
-            from deepspeed.ops.adam import FusedAdam
+def optimizer_kind(train: TrainConfig, cuda: bool | None = None) -> str:
+    """Which AdamW runs: one of OPTIMIZER_KINDS.
 
-            return FusedAdam(clean, lr=train.lr, betas=train.betas, eps=train.eps, adam_w_mode=True)
+    With ZeRO-Offload (train.offload) the step runs in host memory and DeepSpeed accepts only its CPU Adam
+    there (it refuses FusedAdam); otherwise `auto` is DeepSpeed's fused Adam on GPUs and torch AdamW on the CPU
+    (no native build needed), and `deepspeed_adam` is the fused one on GPUs, the CPU one without CUDA.
+    (The config refuses train.optimizer=torch_adamw with offload.)"""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if train.offload != "none":
+        return "cpu_adam"
+    if train.optimizer == "torch_adamw" or (train.optimizer == "auto" and not cuda):
+        return "torch_adamw"
+    return "fused_adam" if cuda else "cpu_adam"
+
+
+def build_optimizer(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
+    """The AdamW of optimizer_kind(train) over `groups` (their "names" lists stay out of the optimizer)."""
+    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    kind = optimizer_kind(train)
+    if kind == "fused_adam":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(clean, lr=train.lr, betas=train.betas, eps=train.eps, adam_w_mode=True)
+    if kind == "cpu_adam":  # a native op, compiled at first use (minutes, once per machine)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(clean, lr=train.lr, betas=train.betas, eps=train.eps, adamw_mode=True)
