@@ -1,11 +1,20 @@
-"""Typed configs: presets, recipes + overrides, and one clear ConfigError (naming the key and the fix) for each
-mistake a user can make in the model section."""
+"""Typed configs: presets, recipes + overrides, renamed keys, the DeepSpeed config of each ZeRO layout and
+precision, and one clear ConfigError (naming the key and the fix) for each mistake a user can make."""
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from managertower.config import MANAGER_KINDS, Config, ConfigError, ModelConfig, load_config
+import pytest
+import yaml
+
+from managertower.config import (DS_LAYOUTS, FINETUNE_TASKS, MANAGER_KINDS, PRECISIONS, RENAMED_KEYS, SIZE_PRESETS,
+                                  TASK_NAMES, Config, ConfigError, ModelConfig, all_keys, load_config)
 from managertower.model import ManagerTower
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("pretrain/configs/*.yaml"),
+                                                    *REPO.glob("finetune/configs/*.yaml")])
 
 
 def model_cfg(*overrides):
@@ -147,9 +156,214 @@ def test_base_without_tokenizer_path_is_a_clear_error():
 def test_other_sections_check_themselves():
     with pytest.raises(ConfigError, match=r"train.global_batch=10 is not a multiple of train.micro_batch=4"):
         load_config(None, ["train.global_batch=10", "train.micro_batch=4"])
-    with pytest.raises(ConfigError, match="data.mlm_probability"):
-        load_config(None, ["data.mlm_probability=1.5"])
+    with pytest.raises(ConfigError, match=r"task.mlm_probability must be in \(0, 1\), got 1.5"):
+        load_config(None, ["task.mlm_probability=1.5"])
     cfg = Config()
     with pytest.raises(ConfigError, match=r"micro_batch x world_size = 8 x 3 = 24"):
         cfg.train.grad_accum(3)
     assert cfg.train.grad_accum(4) == 4096 // 32
+
+
+# --- renamed keys ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED_KEYS.items()))
+def test_a_renamed_key_names_its_new_name(old, new, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^config key '{old}' was renamed: use '{new}'$"):
+        load_config(None, [f"{old}=1"])
+    section, key = old.split(".")
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"{section}:\n  {key}: 1\n")
+    with pytest.raises(ConfigError, match=rf"^config key '{old}' was renamed: use '{new}'$"):
+        load_config(str(recipe))
+    assert new in all_keys() and old not in all_keys()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_loads(recipe):
+    # the base recipes name placeholder weight paths (/path/to/roberta-base): cleared here
+    cfg = load_config(str(REPO / recipe), ["model.text_expert=null", "model.vision_checkpoint=null"])
+    assert cfg.task.hard_negative_eval is (recipe == "pretrain/configs/tiny.yaml")  # only the demo can make them
+
+
+def test_task_names_are_listed_once():
+    import finetune.__main__ as finetune_door
+    from managertower.tasks import TASKS
+
+    assert set(TASKS) == set(TASK_NAMES) and FINETUNE_TASKS == TASK_NAMES[1:] and "pretrain" not in FINETUNE_TASKS
+    assert finetune_door.TASK_NAMES == FINETUNE_TASKS
+    with pytest.raises(ConfigError, match="task.name='vqa' is not one of " + ", ".join(TASK_NAMES)):
+        load_config(None, ["task.name=vqa"])
+
+
+# --- size presets --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", sorted(SIZE_PRESETS))
+def test_a_direct_model_config_has_its_size_preset(size):
+    model = ModelConfig(size=size)
+    assert {key: getattr(model, key) for key in SIZE_PRESETS[size]} == SIZE_PRESETS[size]
+    assert model == load_config(None, [f"model.size={size}"]).model
+    explicit = ModelConfig(size=size, hidden_size=32, num_heads=4)  # an explicit value wins
+    assert (explicit.hidden_size, explicit.num_heads) == (32, 4)
+    assert explicit.cross_layers == SIZE_PRESETS[size]["cross_layers"]
+
+
+def test_the_saved_config_holds_the_preset_and_loads_the_same(tmp_path):
+    cfg = load_config(None, ["model.size=tiny", "model.hidden_size=96", "model.num_heads=3", "train.offload=none"])
+    path = tmp_path / "run" / "config.yaml"
+    cfg.save(str(path))
+    saved = yaml.safe_load(path.read_text())["model"]
+    assert {key: saved[key] for key in SIZE_PRESETS["tiny"]} == {**SIZE_PRESETS["tiny"], "hidden_size": 96,
+                                                                 "num_heads": 3}
+    again = load_config(str(path))
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+
+
+# --- DeepSpeed configs ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("stage, offload", sorted(DS_LAYOUTS))
+def test_ds_config_of_each_layout_and_precision(stage, offload, precision):
+    from managertower.engine.deepspeed_config import build_ds_config, effective_precision
+
+    train = load_config(None, [f"train.zero_stage={stage}", f"train.offload={offload}", f"train.precision={precision}",
+                               "train.global_batch=64", "train.micro_batch=8", "train.grad_clip=1.0"]).train
+    config, path = build_ds_config(train, world_size=4, precision=precision)
+    assert path.name == DS_LAYOUTS[(stage, offload)]
+    zero = config["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("offload_optimizer" in zero, "offload_param" in zero) == {"none": (False, False),
+                                                                     "optimizer": (True, False),
+                                                                     "all": (True, True)}[offload]
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"], config["gradient_clipping"]) == (64, 8, 2, 1.0)
+    assert {"optimizer", "scheduler"}.isdisjoint(config)
+    if precision == "bf16":
+        assert config["bf16"] == {"enabled": True} and "fp16" not in config
+    elif precision == "fp16":
+        assert config["fp16"]["enabled"] is True and config["fp16"]["loss_scale"] == 0 and "bf16" not in config
+    else:
+        assert "bf16" not in config and "fp16" not in config
+    # without an explicit precision: what this machine runs (fp32 without CUDA)
+    assert build_ds_config(train, world_size=4)[0] == build_ds_config(train, 4, effective_precision(train))[0]
+
+
+def test_layout_files_are_package_data_of_ds_configs():
+    import ds_configs
+    from managertower.engine.deepspeed_config import layout_path
+
+    package = Path(ds_configs.__file__).resolve().parent
+    for stage, offload in DS_LAYOUTS:
+        path = layout_path(load_config(None, [f"train.zero_stage={stage}", f"train.offload={offload}"]).train)
+        assert path.is_file() and path.resolve().parent == package
+    assert sorted(p.name for p in package.glob("*.json")) == sorted(DS_LAYOUTS.values())  # no file left unnamed
+
+
+def ds_file(tmp_path, settings: dict) -> str:
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(settings))
+    return str(path)
+
+
+@pytest.mark.parametrize("settings, overrides, pattern", [
+    ({"bf16": {"enabled": True}}, ["train.precision=fp16"],
+     r"sets precision bf16 \(its bf16 section\) but train.precision=fp16: set train.precision=bf16"),
+    ({"fp16": {"enabled": True}}, ["train.precision=bf16"], r"sets precision fp16 .* but train.precision=bf16"),
+    ({"bfloat16": {"enabled": False}}, ["train.precision=bf16"], r"sets precision fp32 .* but train.precision=bf16"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, ["train.precision=bf16"], r"enables both bf16 and fp16"),
+    ({"zero_optimization": {"stage": 3}}, ["train.zero_stage=2"],
+     r"sets zero_optimization.stage=3 but train.zero_stage=2: set train.zero_stage=3"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, ["train.offload=none"],
+     r"offloads the optimizer but train.offload=none: set train.offload=optimizer"),
+    ({"zero_optimization": {"stage": 3}}, ["train.zero_stage=3", "train.offload=all"],
+     r"offloads nothing but train.offload=all: set train.offload=none"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, ["train.zero_stage=3"],
+     r"offloads the parameters but not the optimizer"),
+    ({"train_batch_size": 8}, [], r"sets 'train_batch_size': ds_configs hold engine knobs only"),
+    ({"optimizer": {"type": "Adam"}}, [], r"sets 'optimizer': ds_configs hold engine knobs only"),
+    ({"scheduler": {"type": "WarmupLR"}}, [], r"sets 'scheduler': ds_configs hold engine knobs only"),
+])
+def test_ds_config_file_disagreeing_with_the_recipe(tmp_path, settings, overrides, pattern):
+    path = ds_file(tmp_path, settings)
+    with pytest.raises(ConfigError, match=rf"^train.ds_config={path} " + pattern):
+        load_config(None, [f"train.ds_config={path}", *overrides])  # at config time, before DeepSpeed
+
+
+def test_ds_config_file_of_your_own(tmp_path):
+    from managertower.engine.deepspeed_config import build_ds_config
+
+    fp16 = {"enabled": True, "loss_scale": 128}
+    path = ds_file(tmp_path, {"fp16": fp16, "zero_optimization": {"reduce_bucket_size": 1000}})
+    train = load_config(None, [f"train.ds_config={path}", "train.precision=fp16", "train.zero_stage=1"]).train
+    config, source = build_ds_config(train, world_size=1, precision="fp16")
+    assert str(source) == path and config["fp16"] == fp16  # the file's own section is kept
+    assert config["zero_optimization"] == {"reduce_bucket_size": 1000, "stage": 1}  # the recipe's stage filled in
+    assert "fp16" not in build_ds_config(train, world_size=1, precision="fp32")[0]  # the CPU runs fp32
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"broken.json is not valid JSON"):
+        load_config(None, [f"train.ds_config={tmp_path / 'broken.json'}"])
+    with pytest.raises(ConfigError, match=r"train.ds_config=/no/such.json does not exist"):
+        load_config(None, ["train.ds_config=/no/such.json"])
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["train.offload=all"], r"train.offload=all with train.zero_stage=2 is not a ZeRO layout in ds_configs"),
+    (["train.offload=optimizer", "train.zero_stage=3"], r"offload=optimizer goes with zero_stage=2"),
+    (["train.offload=cpu"], r"train.offload='cpu' is not one of none, optimizer, all"),
+    (["train.offload=optimizer", "train.optimizer=torch_adamw"],
+     r"train.optimizer=torch_adamw cannot run with train.offload=optimizer"),
+])
+def test_offload_needs_its_layout_and_cpu_adam(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("optimizer, offload, cuda, kind", [
+    ("auto", "none", False, "torch_adamw"),
+    ("auto", "none", True, "fused_adam"),
+    ("auto", "optimizer", True, "cpu_adam"),  # DeepSpeed refuses FusedAdam with offload
+    ("auto", "optimizer", False, "cpu_adam"),
+    ("deepspeed_adam", "none", True, "fused_adam"),
+    ("deepspeed_adam", "none", False, "cpu_adam"),
+    ("deepspeed_adam", "optimizer", True, "cpu_adam"),
+    ("torch_adamw", "none", True, "torch_adamw"),
+])
+def test_optimizer_choice(optimizer, offload, cuda, kind):
+    # The choice, not the CPU Adam itself: DeepSpeedCPUAdam compiles a native op at first use (2 minutes here).
+    from managertower.engine.optim import optimizer_kind
+
+    train = load_config(None, [f"train.optimizer={optimizer}", f"train.offload={offload}"]).train
+    assert optimizer_kind(train, cuda=cuda) == kind
+
+
+def test_build_optimizer_on_the_cpu():
+    import torch
+
+    from managertower.engine.optim import build_optimizer
+
+    train = load_config(None, ["train.lr=1e-3"]).train
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build_optimizer([{"params": [param], "names": ["w"], "lr": 1e-3, "weight_decay": 0.0}], train)
+    if not torch.cuda.is_available():
+        assert type(optimizer) is torch.optim.AdamW and "names" not in optimizer.param_groups[0]
+
+
+# --- validation gaps -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.lr=nan", r"^train.lr must be a finite number > 0, got nan$"),
+    ("train.lr=inf", r"^train.lr must be a finite number > 0, got inf$"),
+    ("train.lr=.inf", r"^train.lr must be a finite number > 0, got inf$"),
+    ("train.min_lr_ratio=-0.1", r"^train.min_lr_ratio must be in \[0, 1\], got -0.1$"),
+    ("train.min_lr_ratio=1.5", r"^train.min_lr_ratio must be in \[0, 1\], got 1.5$"),
+    ("train.weight_decay=-0.01", r"^train.weight_decay must be >= 0, got -0.01$"),
+    ("train.grad_clip=-1", r"^train.grad_clip must be >= 0, got -1.0$"),
+    ("train.new_layer_lr_mult=nan", r"^train.new_layer_lr_mult must be a finite number >= 0, got nan$"),
+    ("train.eval_batches=0", r"^train.eval_batches must be > 0, got 0$"),
+    ("data.shuffle_buffer=-1", r"^data.shuffle_buffer must be >= 0, got -1$"),
+    ("task.epochs=-1", r"^task.epochs must be >= 0, got -1.0$"),
+    ("task.epochs=nan", r"^task.epochs must be a finite number >= 0, got nan$"),
+    ("task.itm_negative_fraction=2", r"^task.itm_negative_fraction must be in \[0, 1\], got 2.0$"),
+])
+def test_validation_gaps(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
