@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="ManagerTower vision-language pre-training and fine-tuning with DeepSpeed, DALI and WebDataset",
     python_requires=">=3.10",
-    packages=find_packages(include=["managertower*", "pretrain*", "finetune*", "dataprep*", "cluster*"]),
+    packages=find_packages(include=["managertower*", "pretrain*", "finetune*", "dataprep*", "cluster*", "ds_configs*"]),
     package_data={
         "managertower": ["model/assets/*/*"],
         "pretrain": ["configs/*.yaml"],

@@ -5,14 +5,14 @@
 
 Both sides read the same JPEG bytes from local tar shards and produce float32 B x 3 x 288 x 288 batches,
 CLIP-normalised, on the CPU:
-  ours (dali):        build_loader(backend="dali"): fn.readers.webdataset -> fn.decoders.image -> fn.resize (ROI,
+  ours (dali):        build_loader(LoaderSpec(backend="dali")): fn.readers.webdataset -> fn.decoders.image -> fn.resize (ROI,
                       bicubic) -> fn.crop_mirror_normalize, shards as dataprep writes them (KEY.jpg + KEY.json, .idx).
   peer (open_clip):   open_clip's training pipeline (open_clip/training/data.py get_wds_dataset, replicated here
                       since open_clip.training is not installed): SimpleShardList -> split_by_worker ->
                       tarfile_to_samples -> shuffle -> decode("pilrgb") -> open_clip.image_transform (Resize +
                       CenterCrop bicubic, ToTensor, Normalize) -> batched, through a WebLoader with N workers, over
                       img2dataset-style shards (KEY.jpg + KEY.txt + KEY.json).
-  ours (webdataset):  build_loader(backend="webdataset"), for reference.
+  ours (webdataset):  build_loader(LoaderSpec(backend="webdataset")), for reference.
 Text is passed through untokenised on every side: this measures image loading. The figure is images/s over
 `--epochs` passes after one warm-up batch. Printed: a table and the DALI / open_clip ratio (the goal is >= 2).
 """
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from managertower.data.pipelines import build_loader
+    from managertower.data.loader import LoaderSpec, build_loader
 
     torch.set_num_threads(max(1, args.threads))
     root = args.dir or tempfile.mkdtemp(prefix="bench-loader-")
@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def ours_iter(backend):
         def make():
-            loader = build_loader([ours], None, backend=backend, batch_size=args.batch, image_size=args.size,
-                                  rank=0, world_size=1, seed=0, expand=lambda meta: [{"text": meta["captions"][0]}],
-                                  collate=lambda examples, images: {"texts": [e["text"] for e in examples]},
-                                  train=True, num_threads=args.threads, shuffle_buffer=1000, device="cpu")
+            loader = build_loader(LoaderSpec(
+                [ours], backend=backend, batch_size=args.batch, image_size=args.size, rank=0, world_size=1, seed=0,
+                expand=lambda meta, rng: [{"text": meta["captions"][0]}],
+                collate=lambda examples, images: {"texts": [e["text"] for e in examples]},
+                train=True, num_threads=args.threads, shuffle_buffer=1000, device="cpu"))
             return iter(loader)
         return make
 

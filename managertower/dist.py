@@ -164,3 +164,68 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         torch.distributed.all_reduce(values)
     return values
+
+
+# ------------------------------------------------------------------------------------- gathers across ranks
+
+
+def is_distributed() -> bool:
+    """A process group of more than one rank is running."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def gather_objects(items: list) -> list:
+    """Concatenate every rank's list, in rank order, on every rank (world of one: the list itself)."""
+    if not is_distributed():
+        return list(items)
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
+def _padded_gather(tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    world = torch.distributed.get_world_size()
+    size = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    biggest = max(sizes)
+    padded = tensor.new_zeros((biggest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded.contiguous())
+    return [part[:n] for part, n in zip(parts, sizes)], sizes
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows (any count per rank), concatenated in rank order; no gradient."""
+    if not is_distributed():
+        return tensor
+    parts, _ = _padded_gather(tensor.detach())
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns this rank's slice of the SUM over ranks of the incoming gradients:
+    every rank's loss reads every rank's rows, so each rank's features get the gradients of all the losses."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts, sizes = _padded_gather(tensor)
+        ctx.rank, ctx.sizes = torch.distributed.get_rank(), sizes
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows with gradients flowing back to the rank that owns each row (world of one: as is)."""
+    if not is_distributed():
+        return tensor
+    return _GatherWithGrad.apply(tensor)

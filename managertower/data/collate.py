@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from .augment import mix_seed
+from .loader import Collator
 
 
-def expand_pretrain(meta: dict, per_caption: bool = True, rng: random.Random | None = None) -> list[dict]:
+def expand_pretrain(meta: dict, rng: random.Random | None = None, per_caption: bool = True) -> list[dict]:
     """One example per caption (`per_caption`) or one caption drawn with `rng`; no captions -> no examples."""
     captions = [c for c in meta.get("captions") or [] if isinstance(c, str) and c.strip()]
     if not captions:
@@ -79,7 +80,7 @@ def itm_pairs(image_ids: list[Any], negative_fraction: float,
     return index, labels
 
 
-class PretrainCollator:
+class PretrainCollator(Collator):
     """examples (+ images) -> {input_ids, attention_mask, mlm_input_ids, mlm_labels, itm_image_index, itm_labels,
     image_ids}.
 
@@ -89,12 +90,7 @@ class PretrainCollator:
 
     def __init__(self, tokenizer, max_text_len: int, mlm_probability: float = 0.15,
                  itm_negative_fraction: float = 0.5, seed: int = 0, rank: int = 0):
-        if max_text_len < 3:
-            raise ValueError(f"max_text_len must be >= 3 (two special tokens and a word), got {max_text_len}")
-        if not 0 < mlm_probability < 1:
-            raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
-        if not 0 <= itm_negative_fraction <= 1:
-            raise ValueError(f"itm_negative_fraction must be in [0, 1], got {itm_negative_fraction}")
+        # max_text_len, mlm_probability and itm_negative_fraction were checked with the config
         if tokenizer.mask_token_id is None:
             raise ValueError("the tokenizer has no mask token; MLM needs one (<mask> or [MASK])")
         self.tokenizer = tokenizer

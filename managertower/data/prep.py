@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from managertower.data.formats import READERS, DataprepError, Item
+from managertower.io import atomic_write_json
 from managertower.data.images import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, EncodedImage, ImageRejected, load_image
 from managertower.data.shards import (SECOND_IMAGE, ShardWriter, index_path_for, read_index,
                                       sha256_file, shard_name, verify_shard)
@@ -89,16 +90,6 @@ def _state_path(out: str, *parts: str) -> str:
 
 def _done_record_path(out: str, split: str, index: int) -> str:
     return _state_path(out, "shards", shard_name(split, index)[: -len(".tar")] + ".json")
-
-
-def _write_json_atomic(path: str, payload: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _rescale_regions(regions: list[dict], image: EncodedImage) -> list[dict]:
@@ -159,8 +150,8 @@ def write_shard(task: ShardTask) -> ShardResult:
             if os.path.exists(path):
                 os.remove(path)
     result = ShardResult(task.index, record, dict(skipped), images)
-    _write_json_atomic(_done_record_path(task.out, task.split, task.index),
-                       {"plan": task.plan, "record": record, "skipped": dict(skipped), "images": images})
+    atomic_write_json(_done_record_path(task.out, task.split, task.index),
+                      {"plan": task.plan, "record": record, "skipped": dict(skipped), "images": images}, sort_keys=True)
     return result
 
 
@@ -361,9 +352,9 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
     }
     with _folder_lock(out):
         for name, content in extras.items():
-            _write_json_atomic(os.path.join(out, name), content)
-        _write_json_atomic(_state_path(out, "runs", f"{split}.part-{part_index:04d}-of-{part_count:04d}.json"),
-                           manifest)
+            atomic_write_json(os.path.join(out, name), content, sort_keys=True)
+        atomic_write_json(_state_path(out, "runs", f"{split}.part-{part_index:04d}-of-{part_count:04d}.json"),
+                          manifest, sort_keys=True)
         for stale in glob.glob(_state_path(out, "runs", f"{glob.escape(split)}.part-*-of-*.json")):
             if not stale.endswith(f"-of-{part_count:04d}.json"):  # a previous run cut into a different N
                 os.remove(stale)
@@ -450,8 +441,9 @@ def write_merged_manifest(out: str | os.PathLike) -> dict:
     """Rebuild OUT/manifest.json and OUT/sizes.json (open_clip's {"shard.tar": n_samples}) from the runs."""
     out = str(out)
     merged = merge_manifests(run_manifests(out))
-    _write_json_atomic(os.path.join(out, MANIFEST), merged)
-    _write_json_atomic(os.path.join(out, SIZES), {record["name"]: record["samples"] for record in merged["shards"]})
+    atomic_write_json(os.path.join(out, MANIFEST), merged, sort_keys=True)
+    atomic_write_json(os.path.join(out, SIZES), {record["name"]: record["samples"] for record in merged["shards"]},
+                      sort_keys=True)
     return merged
 
 

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ..io import atomic_write
+
 INDEX_VERSION = "v1.2"  # the format DALI's wds2idx writes and fn.readers.webdataset reads
 PRIMARY_IMAGE = "jpg"
 SECOND_IMAGE = "img1.jpg"
@@ -55,15 +57,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class _OpenShard:
@@ -98,7 +91,7 @@ class _OpenShard:
             os.fsync(handle.fileno())
         lines = [f"{INDEX_VERSION} {len(self.index)}"]
         lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in entry) for entry in self.index]
-        _atomic_write_text(index_path_for(self.final_path), "\n".join(lines) + "\n")
+        atomic_write(index_path_for(self.final_path), "\n".join(lines) + "\n")
         os.replace(self.tmp_path, self.final_path)
         return ShardRecord(
             name=os.path.basename(self.final_path),
@@ -173,13 +166,15 @@ class ShardWriter:
             self.abort()
 
 
+class ShardError(FileNotFoundError):
+    """A shard or its DALI index is missing, unreadable or not what a spec names; the message says the fix."""
+
+
 def read_index(idx_path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
     """Parse a DALI v1.2 index into one {ext: (offset, size)} dict per sample."""
+    header, samples = _index_header(idx_path), []
     with open(idx_path) as handle:
-        header = handle.readline().split()
-        if len(header) != 2 or header[0] != INDEX_VERSION:
-            raise ValueError(f"{idx_path}: not a DALI {INDEX_VERSION} index (header {header})")
-        samples = []
+        handle.readline()
         for line in handle:
             fields = line.split()
             if not fields:
@@ -188,9 +183,49 @@ def read_index(idx_path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
             for i in range(0, len(fields), 4):
                 entry[fields[i]] = (int(fields[i + 1]), int(fields[i + 2]))
             samples.append(entry)
-    if len(samples) != int(header[1]):
-        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(samples)}")
+    if len(samples) != header:
+        raise ShardError(f"{idx_path}: header says {header} samples, found {len(samples)}; rewrite it with "
+                         f"`wds2idx` or rerun dataprep")
     return samples
+
+
+def _index_header(idx_path: str | os.PathLike) -> int:
+    """The sample count of a DALI index's header line (the only part a loader needs to plan)."""
+    with open(idx_path) as handle:
+        header = handle.readline().split()
+    if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
+        raise ShardError(f"{idx_path} is not a DALI {INDEX_VERSION} index (header {header}); rewrite it with "
+                         "`wds2idx SHARD.tar SHARD.idx` (it ships with DALI) or rerun dataprep")
+    return int(header[1])
+
+
+def index_count(tar_path: str | os.PathLike) -> int:
+    """Samples in one shard, from its DALI index; a missing shard or index is a ShardError with the fix."""
+    tar_path, idx = str(tar_path), index_path_for(tar_path)
+    if not os.path.exists(tar_path):
+        raise ShardError(f"shard {tar_path} does not exist: run `python -m dataprep ...` to write it, or fix the "
+                         "shard path")
+    if not os.path.exists(idx):
+        raise ShardError(f"DALI index {idx} is missing for shard {tar_path}: dataprep writes it beside every "
+                         f"shard; for a shard made elsewhere run `wds2idx {tar_path} {idx}` (it ships with DALI)")
+    return _index_header(idx)
+
+
+def iter_metadata(paths: list[str]) -> Iterator[dict]:
+    """Each sample's metadata dict, read through the DALI index (the image members are never read). A record
+    that does not parse is skipped, as the loaders skip it."""
+    for path in paths:
+        index_count(path)  # the missing-shard / missing-index errors
+        with open(path, "rb") as handle:
+            for entry in read_index(index_path_for(path)):
+                if META not in entry:
+                    continue
+                offset, size = entry[META]
+                handle.seek(offset)
+                try:
+                    yield json.loads(handle.read(size))
+                except ValueError:
+                    continue
 
 
 def iter_shard(tar_path: str | os.PathLike) -> Iterator[dict[str, bytes]]:
@@ -218,7 +253,7 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     for item in specs:
         item = str(item)
         if os.path.isdir(item):
-            found = sorted(glob.glob(os.path.join(item, "*.tar")))
+            found = sorted(glob.glob(os.path.join(glob.escape(item), "*.tar")))
         elif "{" in item:
             import braceexpand
 
@@ -228,12 +263,29 @@ def expand_shards(spec: str | list[str]) -> list[str]:
         paths.extend(found)
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(f"shard {missing[0]} does not exist ({len(missing)} missing); "
-                                "run `python -m dataprep ...` first or fix the shard path")
+        raise ShardError(f"shard {missing[0]} does not exist ({len(missing)} missing); "
+                         "run `python -m dataprep ...` first or fix the shard path")
     if not paths:
-        raise FileNotFoundError(f"no shards match {spec!r}: give a folder of .tar shards, a glob or a "
-                                "brace range; `python -m dataprep` writes them")
+        raise ShardError(f"no shards match {spec!r}: give a folder of .tar shards, a glob or a "
+                         "brace range; `python -m dataprep` writes them")
     return paths
+
+
+def resolve_shards(specs: list[str], key: str) -> list[str]:
+    """The shard paths of a config entry (`key`, e.g. "task.train_shards"), with the key in every error."""
+    if not specs:
+        raise ShardError(f"{key} is empty: give the folders, globs or brace ranges `python -m dataprep` wrote, "
+                         f"e.g. {key}=[shards/coco]")
+    try:
+        return expand_shards(list(specs))
+    except ShardError as error:
+        raise ShardError(f"{key}: {error}") from None
+
+
+def resolve_datasets(specs: list[str], key: str) -> list[list[str]]:
+    """One list of shard paths per entry of a config list whose entries are separate datasets (mixed by
+    weights, as `data.train_shards`)."""
+    return [resolve_shards([spec], key) for spec in specs] if specs else [resolve_shards(specs, key)]
 
 
 def load_manifest(out_dir: str | os.PathLike) -> dict:
@@ -266,11 +318,11 @@ def verify_shard(tar_path: str | os.PathLike, expected: ShardRecord | dict | Non
     problems: list[str] = []
     if expected is not None and sha256_file(tar_path) != expected.get("sha256"):
         problems.append(f"{name}: sha256 differs from the manifest (the shard was modified or truncated)")
+    if not os.path.exists(index_path_for(tar_path)):
+        return problems + [f"{name}: DALI index {os.path.basename(index_path_for(tar_path))} is missing"]
     try:
         index = read_index(index_path_for(tar_path))
-    except FileNotFoundError:
-        return problems + [f"{name}: DALI index {os.path.basename(index_path_for(tar_path))} is missing"]
-    except ValueError as error:
+    except (ShardError, ValueError) as error:
         return problems + [f"{name}: {error}"]
     try:
         with tarfile.open(tar_path, "r") as tar:

@@ -1,19 +1,50 @@
-"""What every task (pre-training and each fine-tuning task) gives the engine.
+"""What every task (pre-training and each fine-tuning task) gives the engine: the one task interface.
 
-A task is an `nn.Module` holding the tower and its heads. `forward(batch)` returns a dict of scalars with
-"loss"; the engine wraps the task (never a bare model), so DeepSpeed, checkpoints, logging and the loop are
-the same for all tasks. A task differs only in its data, heads, objective and metrics.
+A task is an `nn.Module` holding the tower and its heads; the engine wraps the task (never a bare model), so
+DeepSpeed, checkpoints, logging and the loop are the same for all tasks. A task differs only in its data,
+heads, objective and metrics. What the engine calls:
+
+    forward(batch) -> {"loss", "loss_*", "acc_*", "batch_size", "tokens"}   the objective of one micro-batch
+    total_steps() -> int                        the run's optimizer steps (the one place this is decided)
+    build_loader(split, rank, world, device)    the data ("train": endless, shuffled; "eval": one pass)
+    evaluate(rank, world, device) -> {metric}   the same dict on every rank
+    lr_multiplier(name) -> float                the parameter groups' lr factor
+    train_flops_per_sample() -> float | None    for the MFU estimate (None: not counted)
+    manager_weights() -> {name: tensor}         the managers' aggregation weights (pictures, histograms)
+    load_tower_weights(state_dict, source)      start from a pre-trained tower
+
+What a task declares about its data (`data(split, rank)`, `images`, `hflip`): which shards, how one shard sample
+expands into examples (`expand(meta, rng)`: one per caption, question, hypothesis...), its collator and its
+augmentation. `build_loader` turns that and the config into one `LoaderSpec`; nothing else builds loaders.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..config import Config
+from ..data.loader import Collator, Expand, LoaderSpec, build_loader
+from ..data.shards import PRIMARY_IMAGE
 from ..model import ManagerTower
 from ..model.experts import resize_pos_embed
+
+SPLITS = ("train", "eval")
+
+
+@dataclass
+class TaskData:
+    """What a task reads for one split: the datasets' shard paths (one list per dataset), their mixing
+    weights, how a sample expands into examples, the collator and the augmentation ("none" | "finetune")."""
+
+    shards: Sequence[Sequence[str]]
+    expand: Expand
+    collate: Collator
+    weights: Sequence[float] | None = None
+    augment: str = "none"
 
 EXPERT_PREFIXES = ("model.text_expert.", "model.vision_expert.")
 
@@ -22,6 +53,9 @@ class Task(nn.Module):
     name = "task"
     head_prefixes: tuple[str, ...] = ()  # parameters trained at task.head_lr_mult (fine-tuning heads)
     head_lr_mult: float = 1.0
+    images: tuple[str, ...] = (PRIMARY_IMAGE,)  # the image members of a shard sample this task reads
+    # Horizontal flips in training augmentation: off where the text names sides (VQA: "at the top left").
+    hflip = True
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -33,22 +67,46 @@ class Task(nn.Module):
 
     # --- optimisation -----------------------------------------------------------------------------------
     def lr_multiplier(self, name: str) -> float:
-        """Experts x1; heads named by `head_prefixes` x head_lr_mult; the rest of the tower x train.head_lr_mult."""
+        """Experts x1; heads named by `head_prefixes` x head_lr_mult; the rest of the tower (projections,
+        cross-modal layers, poolers, managers) x train.new_layer_lr_mult."""
         if name.startswith(EXPERT_PREFIXES):
             return 1.0
         if self.head_prefixes and name.startswith(self.head_prefixes):
             return self.head_lr_mult
-        return self.cfg.train.head_lr_mult
+        return self.cfg.train.new_layer_lr_mult
 
-    def total_steps(self, world_size: int) -> int:
+    def total_steps(self) -> int:
+        """The run's optimizer steps: `train.steps` (fine-tuning tasks derive them from `task.epochs`)."""
         return self.cfg.train.steps
 
-    # --- data and metrics (implemented by each task) ------------------------------------------------------
-    def build_train_loader(self, rank: int, world_size: int, device: torch.device):
+    # --- data ---------------------------------------------------------------------------------------------
+    def data(self, split: str, rank: int) -> TaskData:
+        """What this task reads for `split` ("train" or "eval") on `rank` (a collator may draw per rank)."""
         raise NotImplementedError
 
+    def build_loader(self, split: str, rank: int, world_size: int, device: torch.device | str):
+        """The loader of `split`: "train" is shuffled and endless (seeded by train.seed), "eval" one ordered pass
+        over this rank's part (seed 0: the same examples whatever train.seed)."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+        data, cfg, train = self.data(split, rank), self.cfg, split == "train"
+        return build_loader(LoaderSpec(
+            shards=data.shards, weights=data.weights, expand=data.expand, collate=data.collate,
+            batch_size=cfg.train.micro_batch, image_size=cfg.model.image_size, backend=cfg.data.backend,
+            images=self.images, train=train, augment=data.augment, hflip=self.hflip, rank=rank,
+            world_size=world_size, seed=cfg.train.seed if train else 0, num_threads=cfg.data.num_threads,
+            shuffle_buffer=cfg.data.shuffle_buffer, max_bad_fraction=cfg.data.max_bad_fraction,
+            example_pool=cfg.data.example_pool, device=device))
+
+    # --- evaluation and reporting -------------------------------------------------------------------------
     def evaluate(self, rank: int, world_size: int, device: torch.device) -> dict:
         return {}
+
+    def train_flops_per_sample(self) -> float | None:
+        return None
+
+    def manager_weights(self) -> dict[str, torch.Tensor]:
+        return self.model.manager_weights()
 
     @property
     def dtype(self) -> torch.dtype:

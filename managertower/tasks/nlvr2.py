@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
+from ..data.shards import PRIMARY_IMAGE, SECOND_IMAGE
 from ..model import ClassifierHead, init_new_weights
 from ..model.tower import IMAGE_TYPE, SECOND_IMAGE_TYPE
 from .finetune import ClassificationTask
@@ -29,7 +30,7 @@ class NLVR2Task(ClassificationTask):
     id_key = "identifier"
     head_prefixes = ("classifier.",)
     default_head_lr_mult = 10.0
-    images = ("jpg", "img1.jpg")
+    images = (PRIMARY_IMAGE, SECOND_IMAGE)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -37,7 +38,7 @@ class NLVR2Task(ClassificationTask):
         self.classifier = ClassifierHead(4 * dim, 2 * dim, 2)
         self.classifier.apply(init_new_weights)
 
-    def expand(self, meta: dict) -> list[dict]:
+    def expand(self, meta: dict, rng=None) -> list[dict]:
         return [{"text": s["sentence"], "label": _label(s.get("label", 0)), "identifier": s.get("identifier", "")}
                 for s in meta.get("statements") or [] if s.get("sentence")]
 

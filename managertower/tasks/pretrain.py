@@ -15,20 +15,21 @@ import torch.nn.functional as F
 
 from .. import dist
 from ..config import Config
-from ..model import ITCHead, ITMHead, MLMHead, load_tokenizer
-from .base import Task
+from ..data.collate import PretrainCollator, expand_pretrain
+from ..data.loader import Collator
+from ..data.shards import resolve_datasets
+from ..model import ITCHead, ITMHead, MLMHead, init_new_weights, load_tokenizer
+from .base import Task, TaskData
+from .losses import itc_loss, masked_cross_entropy
 
 HARD_NEGATIVE_ATTRIBUTES = ("colour", "shape", "size", "position")
 
 
-def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if labels.numel() == 0:  # no token picked in this batch: a zero loss that still reaches every weight
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels)
+class CaptionsCollator(Collator):
+    """Held-out ITM: the captions and picture ids as they are (the evaluation tokenizes its own variants)."""
 
-
-def _captions_and_ids(examples: list[dict], images) -> dict:
-    return {"captions": [e["text"] for e in examples], "image_ids": [e["image_id"] for e in examples]}
+    def __call__(self, examples: list[dict], images=None) -> dict:
+        return {"captions": [e["text"] for e in examples], "image_ids": [e["image_id"] for e in examples]}
 
 
 class PretrainTask(Task):
@@ -39,8 +40,6 @@ class PretrainTask(Task):
         dim = cfg.model.hidden_size
         self.mlm_head = MLMHead(dim, self.model.text_expert.vocab_size)
         self.itm_head = ITMHead(dim)
-        from ..model import init_new_weights
-
         self.mlm_head.apply(init_new_weights)
         self.itm_head.apply(init_new_weights)
         self.itc_head = None
@@ -60,7 +59,7 @@ class PretrainTask(Task):
     # --- the objective ------------------------------------------------------------------------------------
     def _losses(self, mlm_out, itm_out, batch) -> dict:
         logits, labels = self.mlm_head(mlm_out.text, batch["mlm_labels"])
-        loss_mlm = _masked_cross_entropy(logits, labels)
+        loss_mlm = masked_cross_entropy(logits, labels)
         itm_logits = self.itm_head(itm_out.cls_feats)
         loss_itm = F.cross_entropy(itm_logits.float(), batch["itm_labels"])
         with torch.no_grad():
@@ -86,8 +85,6 @@ class PretrainTask(Task):
 
     def _itc(self, text_layers: torch.Tensor, image_layers: torch.Tensor, image_ids: torch.Tensor) -> dict:
         """Contrastive loss of the raw uni-modal class features over the global batch (optional, see config)."""
-        from .retrieval import itc_loss
-
         text_emb, image_emb = self.itc_head(text_layers[:, -1, 0], image_layers[:, -1, 0])
         loss_itc, t2i, _, all_ids = itc_loss(text_emb, image_emb, image_ids, image_ids, self.itc_head.temperature())
         with torch.no_grad():
@@ -104,27 +101,25 @@ class PretrainTask(Task):
         return self._losses(mlm_out, itm_out, batch)
 
     # --- data -----------------------------------------------------------------------------------------------
-    def build_train_loader(self, rank: int, world_size: int, device: torch.device):
-        from ..data.pipelines import build_pretrain_loader
-
-        return build_pretrain_loader(self.cfg.data, self.cfg.model, self.tokenizer, micro_batch=self.cfg.train.micro_batch,
-                                     rank=rank, world_size=world_size, seed=self.cfg.train.seed, device=device)
+    def data(self, split: str, rank: int) -> TaskData:
+        """Training: data.train_shards, one dataset per entry, mixed by data.weights, MLM + ITM batches (one
+        example per caption with data.per_caption). Evaluation: data.val_shards, one caption per held-out image."""
+        data, task = self.cfg.data, self.cfg.task
+        if split == "train":
+            collator = PretrainCollator(self.tokenizer, self.cfg.model.max_text_len, task.mlm_probability,
+                                        task.itm_negative_fraction, seed=self.cfg.train.seed, rank=rank)
+            return TaskData(shards=resolve_datasets(data.train_shards, "data.train_shards"),
+                            weights=data.weights or None, collate=collator,
+                            expand=partial(expand_pretrain, per_caption=data.per_caption))
+        return TaskData(shards=resolve_datasets(data.val_shards, "data.val_shards"), collate=CaptionsCollator(),
+                        expand=partial(expand_pretrain, per_caption=False))
 
     # --- held-out ITM, with random and one-attribute hard negatives ---------------------------------------
     def evaluate(self, rank: int, world_size: int, device: torch.device) -> dict:
         if not self.cfg.data.val_shards:
             return {}
-        from ..data.collate import expand_pretrain
-        from ..data.pipelines import build_loader
-        from ..data.shards import expand_shards
-
-        data = self.cfg.data
         # One caption per held-out image, in order: every rank sees its own part, the same one every time.
-        loader = build_loader([expand_shards(spec) for spec in data.val_shards], None, backend=data.loader,
-                              batch_size=self.cfg.train.micro_batch, image_size=self.cfg.model.image_size,
-                              rank=rank, world_size=world_size, seed=0,
-                              expand=partial(expand_pretrain, per_caption=False), collate=_captions_and_ids,
-                              train=False, num_threads=data.num_threads, device=device)
+        loader = self.build_loader("eval", rank, world_size, device)
         counts = torch.zeros(6, dtype=torch.float64)  # pos right, pos n, rand right, rand n, hard right, hard n
         rng = random.Random(1234 + rank)
         try:
@@ -146,9 +141,8 @@ class PretrainTask(Task):
 
     @torch.no_grad()
     def itm_eval_batch(self, batch: dict, device, rng: random.Random):
-        """ITM decisions on positives, random-image negatives and one-attribute hard-negative captions."""
-        from ..data.synthetic import hard_negative_caption
-
+        """ITM decisions on positives, random-image negatives and (task.hard_negative_eval, synthetic captions
+        only) one-attribute hard-negative captions."""
         captions, image_ids = batch["captions"], batch["image_ids"]
         pixels = batch["pixel_values"].to(device, self.dtype)
         size = len(captions)
@@ -157,18 +151,8 @@ class PretrainTask(Task):
         for i in range(size):
             others = [j for j in order if image_ids[j] != image_ids[i]]
             negatives.append(rng.choice(others) if others else None)
-        hard_captions = []
-        for caption in captions:
-            attributes = list(HARD_NEGATIVE_ATTRIBUTES)
-            rng.shuffle(attributes)
-            swapped = None
-            for attribute in attributes:
-                try:
-                    swapped = hard_negative_caption(caption, attribute, rng)
-                    break
-                except ValueError:  # the caption names no word of this attribute
-                    continue
-            hard_captions.append(swapped)
+        hard_captions = (self._hard_negative_captions(captions, rng) if self.cfg.task.hard_negative_eval
+                         else [None] * size)
         image = self.model.project_image(self.model.encode_image(pixels))
 
         def matches(texts, image_index) -> torch.Tensor:
@@ -186,6 +170,26 @@ class PretrainTask(Task):
         right = int((~matches([hard_captions[i] for i in hard_rows], hard_rows)).sum()) if hard_rows else 0
         results.append((right, len(hard_rows)))
         return results
+
+    @staticmethod
+    def _hard_negative_captions(captions: list[str], rng: random.Random) -> list[str | None]:
+        """Each caption with one attribute word swapped (None where it names none): the synthetic world's
+        captions only, which is why task.hard_negative_eval is off outside the demo recipe."""
+        from ..data.synthetic import hard_negative_caption
+
+        hard_captions = []
+        for caption in captions:
+            attributes = list(HARD_NEGATIVE_ATTRIBUTES)
+            rng.shuffle(attributes)
+            swapped = None
+            for attribute in attributes:
+                try:
+                    swapped = hard_negative_caption(caption, attribute, rng)
+                    break
+                except ValueError:  # the caption names no word of this attribute
+                    continue
+            hard_captions.append(swapped)
+        return hard_captions
 
     def train_flops_per_sample(self) -> float | None:
         """Forward+backward FLOPs of one pre-training sample (3 x forward), counted on the meta device."""

@@ -32,52 +32,14 @@ from ..config import Config
 from ..data.augment import mix_seed
 from ..model import ITCHead, ITMHead, init_new_weights
 from . import metrics
-from .finetune import FinetuneTask, TextCollator, _distributed, gather_objects, gather_rows, gather_with_grad
+from ..data.loader import Collator
+from .finetune import FinetuneTask, TextCollator
+from .losses import itc_loss, sample_hard_negatives
 
 
 def image_key(image_id) -> int:
     """A 63-bit integer id for any image id (ints, strings), so ids can travel in tensors."""
     return mix_seed(str(image_id))
-
-
-def itc_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, text_ids: torch.Tensor, image_ids: torch.Tensor,
-             temperature: torch.Tensor, gather: bool = True):
-    """Contrastive loss of normalised embeddings, gathered across ranks (with gradients) when `gather`.
-
-    text_emb B x d with picture ids text_ids (B), image_emb B' x d with ids image_ids (B'). Returns
-    (loss, text->all-images logits, image->all-texts logits, the gathered image ids)."""
-    all_images = gather_with_grad(image_emb) if gather else image_emb
-    all_texts = gather_with_grad(text_emb) if gather else text_emb
-    all_image_ids = gather_rows(image_ids) if gather else image_ids
-    all_text_ids = gather_rows(text_ids) if gather else text_ids
-    t2i = text_emb @ all_images.t() / temperature
-    i2t = image_emb @ all_texts.t() / temperature
-
-    def soft_ce(logits, row_ids, column_ids):
-        positives = (row_ids[:, None] == column_ids[None, :]).float()
-        targets = positives / positives.sum(1, keepdim=True).clamp(min=1)
-        return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
-
-    loss = (soft_ce(t2i, text_ids, all_image_ids) + soft_ce(i2t, image_ids, all_text_ids)) / 2
-    return loss, t2i, i2t, all_image_ids
-
-
-@torch.no_grad()
-def sample_hard_negatives(similarity: torch.Tensor, row_ids: torch.Tensor, column_ids: torch.Tensor,
-                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One column per row drawn from softmax(similarity row) with every positive (same id) zeroed.
-
-    Returns (column index per row, valid mask): a row whose every column is a positive has no negative. A row
-    whose softmax underflows to zero on all negatives draws uniformly among them."""
-    weights = F.softmax(similarity.float(), dim=1)
-    negatives = row_ids[:, None] != column_ids[None, :]
-    weights = weights * negatives
-    valid = negatives.any(1)
-    dead = valid & (weights.sum(1) <= 0)
-    weights[dead] = negatives[dead].float()
-    weights[~valid] = 1.0  # any column; the row is dropped
-    picked = torch.multinomial(weights, 1, generator=generator).squeeze(1)
-    return picked, valid
 
 
 class RetrievalCollator(TextCollator):
@@ -87,7 +49,7 @@ class RetrievalCollator(TextCollator):
         return batch
 
 
-class EvalImagesCollator:
+class EvalImagesCollator(Collator):
     """Eval: one example per picture, its captions kept as lists."""
 
     def __call__(self, examples: list[dict], images=None) -> dict:
@@ -110,11 +72,11 @@ class RetrievalTask(FinetuneTask):
         self.itm_head.apply(init_new_weights)
 
     # --- data ---------------------------------------------------------------------------------------------
-    def expand(self, meta: dict) -> list[dict]:
+    def expand(self, meta: dict, rng=None) -> list[dict]:
         return [{"text": c, "image_id": meta.get("image_id", meta.get("key"))}
                 for c in meta.get("captions") or [] if isinstance(c, str) and c.strip()]
 
-    def expand_eval(self, meta: dict) -> list[dict]:
+    def expand_eval(self, meta: dict, rng=None) -> list[dict]:
         captions = [c for c in meta.get("captions") or [] if isinstance(c, str) and c.strip()]
         return [{"image_id": meta.get("image_id", meta.get("key")), "captions": captions}] if captions else []
 
@@ -191,7 +153,7 @@ class RetrievalTask(FinetuneTask):
             return {}
         batch_size = self.cfg.train.micro_batch
         # 1. This rank's pictures: ITC embeddings and projected layers (kept for the ITM re-ranking).
-        loader = self.build_eval_loader(rank, world_size, device)
+        loader = self.build_loader("eval", rank, world_size, device)
         local_ids, local_captions, image_emb, image_layers = [], [], [], []
         try:
             for batch in loader:
@@ -205,7 +167,7 @@ class RetrievalTask(FinetuneTask):
         dim = self.cfg.task.itc_dim
         image_emb = torch.cat(image_emb) if image_emb else torch.zeros(0, dim, device=device)
         # 2. The global picture list (rank order), its captions, and who holds which picture.
-        pictures = gather_objects([(rank, i, c) for i, c in zip(local_ids, local_captions)])
+        pictures = dist.gather_objects([(rank, i, c) for i, c in zip(local_ids, local_captions)])
         owners = torch.tensor([p[0] for p in pictures])
         first_local = int((owners < rank).sum())
         texts, text_to_image = [], []
@@ -215,11 +177,11 @@ class RetrievalTask(FinetuneTask):
         n_images, n_texts = len(pictures), len(texts)
         if n_images == 0:
             return {}
-        all_image_emb = gather_rows(image_emb)
+        all_image_emb = dist.gather_rows(image_emb)
         # 3. ITC embeddings of the captions, a slice per rank.
         lo, hi = n_texts * rank // world_size, n_texts * (rank + 1) // world_size
         text_emb, _, _ = self.encode_texts(texts[lo:hi], device, batch_size)
-        all_text_emb = gather_rows(text_emb)
+        all_text_emb = dist.gather_rows(text_emb)
         # 4. ITC top-k both ways (in chunks: COCO's 25k x 5k similarity never sits in memory at once).
         k_images = min(self.cfg.task.retrieval_topk, n_images)
         k_texts = min(self.cfg.task.retrieval_topk, n_texts)
@@ -250,7 +212,7 @@ class RetrievalTask(FinetuneTask):
             for pair, score in zip(part, scores):
                 for kind, row, slot in pairs[pair]:
                     (ir_scores if kind == "ir" else tr_scores)[row, slot] = score
-        if _distributed():
+        if dist.is_distributed():
             torch.distributed.all_reduce(ir_scores)
             torch.distributed.all_reduce(tr_scores)
         text_ranked = metrics.rerank(text_top.cpu(), ir_scores.cpu())

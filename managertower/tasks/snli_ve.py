@@ -32,7 +32,7 @@ class SNLIVETask(ClassificationTask):
         self.classifier = ClassifierHead(2 * dim, 4 * dim, len(LABELS))
         self.classifier.apply(init_new_weights)
 
-    def expand(self, meta: dict) -> list[dict]:
+    def expand(self, meta: dict, rng=None) -> list[dict]:
         return [{"text": h["text"], "label": _label(h["label"]), "pair_id": str(h.get("pair_id", ""))}
                 for h in meta.get("hypotheses") or [] if h.get("text")]
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ..config import Config, ConfigError
 from ..model import ClassifierHead, init_new_weights
 from . import metrics
-from .finetune import FinetuneTask, TextCollator, shard_paths
+from ..data.shards import resolve_shards
+from .finetune import FinetuneTask, TextCollator
 
 VOCAB_FILE = "answer_vocab.json"
 
@@ -42,7 +43,7 @@ def find_answer_vocab(cfg: Config) -> str:
             raise ConfigError(f"task.answer_vocab={cfg.task.answer_vocab!r} does not exist")
         return cfg.task.answer_vocab
     folders = []
-    for path in shard_paths(cfg.task.train_shards, "train_shards"):
+    for path in resolve_shards(cfg.task.train_shards, "task.train_shards"):
         folder = os.path.dirname(path)
         if folder not in folders:
             folders.append(folder)
@@ -90,7 +91,7 @@ class VQATask(FinetuneTask):
         self.classifier = ClassifierHead(2 * dim, 4 * dim, len(self.answers))
         self.classifier.apply(init_new_weights)
 
-    def expand(self, meta: dict) -> list[dict]:
+    def expand(self, meta: dict, rng=None) -> list[dict]:
         return [{"text": q["question"], "question_id": q["question_id"], "answers": dict(q.get("answers") or {})}
                 for q in meta.get("questions") or [] if q.get("question")]
 

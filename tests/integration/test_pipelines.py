@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from managertower.config import ConfigError, DataConfig, ModelConfig
+from managertower.config import ConfigError, load_config
 from managertower.data.collate import PretrainCollator, expand_pretrain
-from managertower.data.pipelines import ShardIndexError, TooManyBadSamples, build_loader, build_pretrain_loader
-from managertower.data.shards import ShardWriter, expand_shards
+from managertower.data.loader import LoaderSpec, TooManyBadSamples, build_loader
+from managertower.data.shards import ShardError, ShardWriter, expand_shards
 from managertower.model.experts import load_tokenizer
+from managertower.config import ModelConfig
 
 SIZE = 48
 
@@ -70,7 +71,7 @@ def _loader(shards, backend, **kwargs):
                    expand=partial(expand_pretrain, per_caption=True), collate=_keys, train=False,
                    num_threads=2, shuffle_buffer=16, device="cpu")
     options.update(kwargs)
-    return build_loader(shards, **options)
+    return build_loader(LoaderSpec(shards, **options))
 
 
 def test_dali_and_webdataset_give_the_same_batches(data, tokenizer):
@@ -231,11 +232,11 @@ def test_two_images_per_sample(data):
 
 
 def test_bad_configs_fail_early(data, tmp_path):
-    with pytest.raises(ShardIndexError, match="dataprep"):
+    with pytest.raises(ShardError, match="dataprep"):
         _loader([[str(tmp_path / "nope-000000.tar")]], "dali")
     copy = tmp_path / "train-000000.tar"
     shutil.copy(data["a"][0], copy)
-    with pytest.raises(ShardIndexError, match="wds2idx") as error:
+    with pytest.raises(ShardError, match="wds2idx") as error:
         _loader([[str(copy)]], "webdataset")
     assert "dataprep" in str(error.value) and os.path.basename(str(copy)[:-4] + ".idx") in str(error.value)
     for kwargs, match in (({"image_size": 0}, "image_size"), ({"backend": "torch"}, "backend"),
@@ -245,16 +246,22 @@ def test_bad_configs_fail_early(data, tmp_path):
             _loader([data["a"]], kwargs.pop("backend", "dali"), **kwargs)
 
 
-def test_build_pretrain_loader(data, tokenizer):
-    data_cfg = DataConfig(train_shards=[str(data["root"] / "a"), str(data["root"] / "b")], weights=[1, 1],
-                          loader="dali", num_threads=1, shuffle_buffer=8)
-    model_cfg = ModelConfig(size="tiny", image_size=SIZE, max_text_len=20)
-    loader = build_pretrain_loader(data_cfg, model_cfg, tokenizer, micro_batch=6, rank=0, world_size=1, seed=0,
-                                   device="cpu")
+def test_pretrain_task_builds_its_loaders(data, tmp_path):
+    """The pre-training task declares its data; Task.build_loader turns it into the one LoaderSpec."""
+    from managertower.tasks.pretrain import PretrainTask
+
+    cfg = load_config(None, [f"data.train_shards=[{data['root'] / 'a'},{data['root'] / 'b'}]", "data.weights=[1,1]",
+                             "data.backend=dali", "data.num_threads=1", "data.shuffle_buffer=8",
+                             f"model.image_size={SIZE}", "model.max_text_len=20", "train.micro_batch=6",
+                             "train.global_batch=6", f"run.dir={tmp_path}"])
+    task = PretrainTask(cfg)
+    loader = task.build_loader("train", 0, 1, "cpu")
+    assert loader.spec.weights == [1.0, 1.0] and len(loader.spec.shards) == 2
     batch = next(iter(loader))
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels",
                           "itm_image_index", "itm_labels", "image_ids"}
     assert batch["pixel_values"].shape == (6, 3, SIZE, SIZE) and batch["input_ids"].shape == (6, 20)
     assert batch["itm_labels"].sum() == 3
-    with pytest.raises(ConfigError, match="val_shards"):
-        build_pretrain_loader(data_cfg, model_cfg, tokenizer, micro_batch=6, split="val", device="cpu")
+    loader.close()
+    with pytest.raises(ShardError, match="data.val_shards"):
+        task.build_loader("eval", 0, 1, "cpu")

@@ -101,10 +101,3 @@ def test_collator_deterministic_by_seed_rank_and_counter(tokenizer):
     assert not torch.equal(first["mlm_input_ids"], other_rank["mlm_input_ids"])
     assert a.state_dict() == {"batches": 2}
     assert first["itm_labels"].sum().item() == 8 and first["itm_image_index"].dtype == torch.long
-
-
-def test_collator_rejects_bad_settings(tokenizer):
-    with pytest.raises(ValueError, match="mlm_probability"):
-        PretrainCollator(tokenizer, 24, mlm_probability=0.0)
-    with pytest.raises(ValueError, match="itm_negative_fraction"):
-        PretrainCollator(tokenizer, 24, itm_negative_fraction=1.5)

@@ -17,7 +17,7 @@ from managertower.tasks.pretrain import PretrainTask
 
 @pytest.fixture(scope="module")
 def task():
-    cfg = load_config(None, ["model.size=tiny", "model.dropout=0.0", "train.lr=1e-4", "train.head_lr_mult=5"])
+    cfg = load_config(None, ["model.size=tiny", "model.dropout=0.0", "train.lr=1e-4", "train.new_layer_lr_mult=5"])
     torch.manual_seed(0)
     return PretrainTask(cfg)
 
@@ -62,7 +62,7 @@ def test_ds_config_takes_engine_knobs_from_file_and_batches_from_recipe(tmp_path
     train = load_config(None, ["train.global_batch=4096", "train.micro_batch=8", "train.zero_stage=2",
                                "train.grad_clip=1.0"]).train
     config, path = build_ds_config(train, world_size=64)
-    assert path.name == "zero2_fp32.json"  # no CUDA here: fp32
+    assert path.name == "zero2.json" and "bf16" not in config and "fp16" not in config  # no CUDA here: fp32
     assert config["train_batch_size"] == 4096 and config["train_micro_batch_size_per_gpu"] == 8
     assert config["gradient_accumulation_steps"] == 8  # 8 x 64 x 8 = 4096, the paper's arithmetic
     assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["stage"] == 2

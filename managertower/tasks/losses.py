@@ -1,0 +1,60 @@
+"""The objectives' losses, shared by the tasks that use them.
+
+    masked_cross_entropy      MLM over the picked positions only (pre-training)
+    itc_loss                  image-text contrastive loss over the global batch (retrieval; optional in pre-training)
+    sample_hard_negatives     ITM hard negatives drawn from ITC similarities (retrieval)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import dist
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the masked positions' logits; a batch where no token was picked gives a zero loss
+    that still reaches every weight (DeepSpeed's ZeRO expects gradients for all of them)."""
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels)
+
+
+def itc_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, text_ids: torch.Tensor, image_ids: torch.Tensor,
+             temperature: torch.Tensor, gather: bool = True):
+    """Contrastive loss of normalised embeddings, gathered across ranks (with gradients) when `gather`.
+
+    text_emb B x d with picture ids text_ids (B), image_emb B' x d with ids image_ids (B'). Returns
+    (loss, text->all-images logits, image->all-texts logits, the gathered image ids)."""
+    all_images = dist.gather_with_grad(image_emb) if gather else image_emb
+    all_texts = dist.gather_with_grad(text_emb) if gather else text_emb
+    all_image_ids = dist.gather_rows(image_ids) if gather else image_ids
+    all_text_ids = dist.gather_rows(text_ids) if gather else text_ids
+    t2i = text_emb @ all_images.t() / temperature
+    i2t = image_emb @ all_texts.t() / temperature
+
+    def soft_ce(logits, row_ids, column_ids):
+        positives = (row_ids[:, None] == column_ids[None, :]).float()
+        targets = positives / positives.sum(1, keepdim=True).clamp(min=1)
+        return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+    loss = (soft_ce(t2i, text_ids, all_image_ids) + soft_ce(i2t, image_ids, all_text_ids)) / 2
+    return loss, t2i, i2t, all_image_ids
+
+
+@torch.no_grad()
+def sample_hard_negatives(similarity: torch.Tensor, row_ids: torch.Tensor, column_ids: torch.Tensor,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column per row drawn from softmax(similarity row) with every positive (same id) zeroed.
+
+    Returns (column index per row, valid mask): a row whose every column is a positive has no negative. A row
+    whose softmax underflows to zero on all negatives draws uniformly among them."""
+    weights = F.softmax(similarity.float(), dim=1)
+    negatives = row_ids[:, None] != column_ids[None, :]
+    weights = weights * negatives
+    valid = negatives.any(1)
+    dead = valid & (weights.sum(1) <= 0)
+    weights[dead] = negatives[dead].float()
+    weights[~valid] = 1.0  # any column; the row is dropped
+    picked = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return picked, valid
