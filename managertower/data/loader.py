@@ -58,6 +58,19 @@ class TooManyBadSamples(RuntimeError):
     """More corrupt samples than `max_bad_fraction` allows."""
 
 
+class NoExamples(RuntimeError):
+    """A dataset's samples expand into no example of this task (the wrong shards for it)."""
+
+
+class LoaderStopped(Exception):
+    """The loader was closed while its producer was reading (a stop signal): the producer thread ends."""
+
+
+# A dataset that gave no example in this many of its samples (or in all of them, when it has fewer) is the
+# wrong dataset for the task: a clear error instead of reading forever (endless training passes).
+BARREN_LIMIT = 10_000
+
+
 # ------------------------------------------------------------------------------------------------ collators
 
 
@@ -198,6 +211,7 @@ class Loader:
         self._initial_collate = self.collate.state_dict()
         self._reset_working_state()
         self._committed = self._snapshot()
+        self._yield = [[0, 0] for _ in sources]  # per dataset: samples read, examples made (this process)
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
@@ -333,9 +347,12 @@ class Loader:
                     self._warn_bad(raw.key, raw.dataset, "metadata is not valid JSON")
                     continue
                 expanded = self._expand(raw)
+                self._check_barren(raw.dataset, len(expanded))
                 if expanded:
                     new.append((raw, expanded))
                     count += len(expanded)
+                if self._stop.is_set() and threading.current_thread() is self._thread:
+                    raise LoaderStopped
             if not new:
                 break
             bad = {id(r) for r in self._decode([r for r, _ in new])} if self.decoder is not None else set()
@@ -344,6 +361,18 @@ class Loader:
                     self._counts["images_seen"] += 1
                     self._buffer.extend((example, raw) for example in expanded)
                     have += 1
+
+    def _check_barren(self, dataset: int, examples: int) -> None:
+        read, produced = self._yield[dataset]
+        self._yield[dataset] = [read + 1, produced + examples]
+        plan = self.sources[dataset].plan
+        if produced + examples == 0 and read + 1 >= min(plan.size, BARREN_LIMIT):
+            shards = plan.paths
+            raise NoExamples(
+                f"dataset {dataset} ({shards[0]}{f' and {len(shards) - 1} more shards' if len(shards) > 1 else ''}) "
+                f"gave no example in its first {read + 1} samples: these shards hold nothing this task reads "
+                "(e.g. VQAv2 shards given as pre-training data, or captions missing); point the task's shard keys "
+                "(data.train_shards / task.train_shards / task.eval_shards) at the right dataset")
 
     def _make_batch(self) -> dict | None:
         if self.example_pool > 1:
