@@ -13,12 +13,11 @@ import time
 import numpy as np
 import pytest
 
+from conftest import REPO
 from dataprep.__main__ import main
 from managertower.data.prep import prepare, stats, verify
 from managertower.data.shards import expand_shards, index_path_for, iter_shard, sha256_file
 from managertower.data.synthetic import shard_world, write_world
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

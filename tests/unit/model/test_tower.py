@@ -12,7 +12,7 @@ from managertower.config import MANAGER_KINDS, ConfigError, load_config
 from managertower.model import ApexMissingError, ITMHead, LayerNorm, ManagerTower, MLMHead, layer_norm_class
 from managertower.model.layer_norm import apex_available, resolve_backend
 
-from test_model_managers import (ref_aaue, ref_ln, ref_linear, ref_saue, ref_softmax)
+from test_managers import (ref_aaue, ref_ln, ref_linear, ref_saue, ref_softmax)
 
 BATCH, TEXT_LEN, IMAGE = 2, 9, 64
 
