@@ -1,5 +1,6 @@
-"""Typed configs: presets, recipes + overrides, renamed keys, the DeepSpeed config of each ZeRO layout and
-precision, and one clear ConfigError (naming the key and the fix) for each mistake a user can make."""
+"""Typed configs: presets, recipes + overrides, renamed keys, a train.ds_config file checked against the recipe,
+and one clear ConfigError (naming the key and the fix) for each mistake a user can make. (The DeepSpeed config of
+each ZeRO layout and precision: tests/unit/engine/test_deepspeed_config.py.)"""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from managertower.config import (DS_LAYOUTS, FINETUNE_TASKS, MANAGER_KINDS, PRECISIONS, RENAMED_KEYS, SIZE_PRESETS,
-                                  TASK_NAMES, Config, ConfigError, ModelConfig, all_keys, load_config)
+from managertower.config import (FINETUNE_TASKS, MANAGER_KINDS, RENAMED_KEYS, SIZE_PRESETS, TASK_NAMES, Config,
+                                  ConfigError, ModelConfig, all_keys, load_config)
 from managertower.model import ManagerTower
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,45 +219,7 @@ def test_the_saved_config_holds_the_preset_and_loads_the_same(tmp_path):
     assert again == cfg and again.to_dict() == cfg.to_dict()
 
 
-# --- DeepSpeed configs ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("stage, offload", sorted(DS_LAYOUTS))
-def test_ds_config_of_each_layout_and_precision(stage, offload, precision):
-    from managertower.engine.deepspeed_config import build_ds_config, effective_precision
-
-    train = load_config(None, [f"train.zero_stage={stage}", f"train.offload={offload}", f"train.precision={precision}",
-                               "train.global_batch=64", "train.micro_batch=8", "train.grad_clip=1.0"]).train
-    config, path = build_ds_config(train, world_size=4, precision=precision)
-    assert path.name == DS_LAYOUTS[(stage, offload)]
-    zero = config["zero_optimization"]
-    assert zero["stage"] == stage
-    assert ("offload_optimizer" in zero, "offload_param" in zero) == {"none": (False, False),
-                                                                     "optimizer": (True, False),
-                                                                     "all": (True, True)}[offload]
-    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
-            config["gradient_accumulation_steps"], config["gradient_clipping"]) == (64, 8, 2, 1.0)
-    assert {"optimizer", "scheduler"}.isdisjoint(config)
-    if precision == "bf16":
-        assert config["bf16"] == {"enabled": True} and "fp16" not in config
-    elif precision == "fp16":
-        assert config["fp16"]["enabled"] is True and config["fp16"]["loss_scale"] == 0 and "bf16" not in config
-    else:
-        assert "bf16" not in config and "fp16" not in config
-    # without an explicit precision: what this machine runs (fp32 without CUDA)
-    assert build_ds_config(train, world_size=4)[0] == build_ds_config(train, 4, effective_precision(train))[0]
-
-
-def test_layout_files_are_package_data_of_ds_configs():
-    import ds_configs
-    from managertower.engine.deepspeed_config import layout_path
-
-    package = Path(ds_configs.__file__).resolve().parent
-    for stage, offload in DS_LAYOUTS:
-        path = layout_path(load_config(None, [f"train.zero_stage={stage}", f"train.offload={offload}"]).train)
-        assert path.is_file() and path.resolve().parent == package
-    assert sorted(p.name for p in package.glob("*.json")) == sorted(DS_LAYOUTS.values())  # no file left unnamed
-
+# --- train.ds_config and offload --------------------------------------------------------------------------------
 
 def ds_file(tmp_path, settings: dict) -> str:
     path = tmp_path / "mine.json"
@@ -315,36 +278,6 @@ def test_ds_config_file_of_your_own(tmp_path):
 def test_offload_needs_its_layout_and_cpu_adam(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, overrides)
-
-
-@pytest.mark.parametrize("optimizer, offload, cuda, kind", [
-    ("auto", "none", False, "torch_adamw"),
-    ("auto", "none", True, "fused_adam"),
-    ("auto", "optimizer", True, "cpu_adam"),  # DeepSpeed refuses FusedAdam with offload
-    ("auto", "optimizer", False, "cpu_adam"),
-    ("deepspeed_adam", "none", True, "fused_adam"),
-    ("deepspeed_adam", "none", False, "cpu_adam"),
-    ("deepspeed_adam", "optimizer", True, "cpu_adam"),
-    ("torch_adamw", "none", True, "torch_adamw"),
-])
-def test_optimizer_choice(optimizer, offload, cuda, kind):
-    # The choice, not the CPU Adam itself: DeepSpeedCPUAdam compiles a native op at first use (2 minutes here).
-    from managertower.engine.optim import optimizer_kind
-
-    train = load_config(None, [f"train.optimizer={optimizer}", f"train.offload={offload}"]).train
-    assert optimizer_kind(train, cuda=cuda) == kind
-
-
-def test_build_optimizer_on_the_cpu():
-    import torch
-
-    from managertower.engine.optim import build_optimizer
-
-    train = load_config(None, ["train.lr=1e-3"]).train
-    param = torch.nn.Parameter(torch.zeros(2))
-    optimizer = build_optimizer([{"params": [param], "names": ["w"], "lr": 1e-3, "weight_decay": 0.0}], train)
-    if not torch.cuda.is_available():
-        assert type(optimizer) is torch.optim.AdamW and "names" not in optimizer.param_groups[0]
 
 
 # --- validation gaps -------------------------------------------------------------------------------------------

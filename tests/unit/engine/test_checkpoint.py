@@ -50,3 +50,20 @@ def test_resume_and_weights_go_through_find_checkpoint(tmp_path):
     assert ckpt.resolve_resume(str(run), tmp_path / "other") == run / "checkpoints" / "step-4"
     with pytest.raises(ckpt.CheckpointNotFound, match="is not a complete checkpoint"):
         ckpt.load_weights_file(tmp_path)
+
+
+def test_find_resume_ignores_incomplete_checkpoints(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"step-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / ckpt.COMPLETE).write_text("")
+    (tmp_path / ".tmp-step-8").mkdir()
+    assert ckpt.find_resume(tmp_path).name == "step-4"
+    (tmp_path / "latest").write_text("step-2")
+    assert ckpt.find_resume(tmp_path).name == "step-2"  # latest names a complete one
+    (tmp_path / "latest").write_text("step-6")
+    assert ckpt.find_resume(tmp_path).name == "step-4"  # latest names an incomplete one: the newest complete
+    assert ckpt.resolve_resume("none", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "step-6"), tmp_path)
