@@ -129,16 +129,17 @@ class DaliReaderSource:
 
 
 class DaliDecoder:
-    """Encoded JPEGs + per-image geometry -> N x 3 x S x S tensors (float32 CLIP-normalised, or uint8).
+    """Encoded JPEGs + per-image geometry -> N x 3 x S x S float32 CLIP-normalised tensors; or, with `whole`,
+    each whole image as a uint8 3 x H x W tensor (fine-tuning augments every example from it in the loader).
 
     Only the region the crop needs is decoded (`fn.decoders.image_slice`: libjpeg-turbo / nvJPEG skip the
     rest; ~1.3x faster for 4:3 pictures), with a margin wider than the resampling filter so the pixels equal
     those of a full decode followed by the same ROI resize.
     """
 
-    def __init__(self, max_batch: int, image_size: int, *, normalise: bool, num_threads: int, gpu: bool):
-        self.max_batch, self.size, self.normalise, self.num_threads, self.gpu = (
-            max_batch, image_size, normalise, num_threads, gpu)
+    def __init__(self, max_batch: int, image_size: int, *, whole: bool, num_threads: int, gpu: bool):
+        self.max_batch, self.size, self.whole, self.num_threads, self.gpu = (
+            max_batch, image_size, whole, num_threads, gpu)
         self.pipe = self._build()
 
     def _build(self):
@@ -146,6 +147,14 @@ class DaliDecoder:
         device_id = torch.cuda.current_device() if self.gpu else None
         pipe = Pipeline(batch_size=self.max_batch, num_threads=self.num_threads, device_id=device_id,
                         prefetch_queue_depth=1, exec_dynamic=True, seed=0)
+        if self.whole:
+            with pipe:
+                encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+                images = fn.decoders.image(encoded, device="mixed" if self.gpu else "cpu", output_type=types.RGB,
+                                           adjust_orientation=False)
+                pipe.set_outputs(fn.transpose(images, perm=[2, 0, 1]))
+            pipe.build()
+            return pipe
         with pipe:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             slice_start = fn.external_source(name="slice_start", dtype=types.INT32, ndim=1)
@@ -158,11 +167,8 @@ class DaliDecoder:
                                              output_type=types.RGB, adjust_orientation=False)
             images = fn.resize(images, size=[self.size, self.size], roi_start=roi_start, roi_end=roi_end,
                                roi_relative=False, interp_type=types.INTERP_CUBIC, antialias=True)
-            if self.normalise:
-                images = fn.crop_mirror_normalize(images, mirror=mirror, output_layout="CHW", dtype=types.FLOAT,
-                                                  mean=[m * 255 for m in CLIP_MEAN], std=[s * 255 for s in CLIP_STD])
-            else:
-                images = fn.crop_mirror_normalize(images, mirror=mirror, output_layout="CHW", dtype=types.UINT8)
+            images = fn.crop_mirror_normalize(images, mirror=mirror, output_layout="CHW", dtype=types.FLOAT,
+                                              mean=[m * 255 for m in CLIP_MEAN], std=[s * 255 for s in CLIP_STD])
             pipe.set_outputs(images)
         pipe.build()
         return pipe
@@ -179,13 +185,16 @@ class DaliDecoder:
     def close(self) -> None:
         self.pipe = None
 
-    def _run(self, encoded: list[bytes], geometry: list[tuple[Geometry, int, int]]) -> torch.Tensor:
+    def _run(self, encoded: list[bytes], geometry: list[tuple[Geometry, int, int]]) -> list[torch.Tensor]:
         from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 
         if self.pipe is None:
             self.pipe = self._build()
-        slices = [self._slice(*g) for g in geometry]
         self.pipe.feed_input("encoded", [np.frombuffer(b, np.uint8) for b in encoded])
+        if self.whole:  # images of different sizes: one tensor each
+            (out,) = self.pipe.run()
+            return [to_torch_tensor(out[i], copy=True) for i in range(len(out))]
+        slices = [self._slice(*g) for g in geometry]
         self.pipe.feed_input("slice_start", [start for start, _, _ in slices])
         self.pipe.feed_input("slice_shape", [shape for _, shape, _ in slices])
         self.pipe.feed_input("roi_start", [np.array([g.top, g.left], np.float32) for _, _, g in slices])
@@ -194,17 +203,20 @@ class DaliDecoder:
         (out,) = self.pipe.run()
         # Zero-copy: with the dynamic executor every run gets fresh output buffers, owned through DLPack by
         # the torch tensor (checked: earlier outputs stay intact over later runs).
-        return to_torch_tensor(out.as_tensor(), copy=False)
+        return list(to_torch_tensor(out.as_tensor(), copy=False).unbind(0))
 
-    def __call__(self, encoded: list[bytes], geometry: list[tuple[Geometry, int, int]]) -> list[torch.Tensor | str]:
-        """One tensor per image (geometry: (crop, width, height)), or the error message where it failed."""
+    def __call__(self, encoded: list[bytes], geometry: list[tuple[Geometry, int, int]] | None = None
+                 ) -> list[torch.Tensor | str]:
+        """One tensor per image (geometry: (crop, width, height); None with `whole`), or the error message where
+        it failed."""
+        geometry = geometry if geometry is not None else [None] * len(encoded)
         if not encoded:
             return []
         if len(encoded) > self.max_batch:  # the pipeline's batch size is its most; larger calls go in parts
             return [image for start in range(0, len(encoded), self.max_batch)
                     for image in self(encoded[start:start + self.max_batch], geometry[start:start + self.max_batch])]
         try:
-            return list(self._run(encoded, geometry).unbind(0))
+            return self._run(encoded, geometry)
         except RuntimeError:
             # A corrupt image fails the whole batch and DALI calls the pipeline object invalid afterwards:
             # rebuild it and decode one by one to find the culprit(s).

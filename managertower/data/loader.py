@@ -44,7 +44,7 @@ import torch
 
 from ..config import ConfigError
 from . import dali
-from .augment import AUGMENTS, Geometry, mix_seed, normalize, rand_augment, sample_geometry
+from .augment import TRANSFORMS, Geometry, augment_example, mix_seed, normalize, sample_geometry
 from .plan import BadSample, RawSample, plan_rank, raw_from_state, raw_state
 from .shards import META, PRIMARY_IMAGE
 
@@ -130,8 +130,11 @@ class LoaderSpec:
     backend: str = "dali"
     images: tuple[str, ...] = (PRIMARY_IMAGE,)  # image members per sample (NLVR2: jpg + img1.jpg)
     train: bool = True  # shuffled and endless (epochs), else one ordered pass with the last partial batch kept
-    augment: str = "none"  # "none" (resize + centre crop) or "finetune" (RandomResizedCrop, flip, RandAugment)
-    hflip: bool = True  # horizontal flips in "finetune" augmentation
+    # "clip" (shorter side + centre crop: pre-training), "albef" (the whole image to size x size: fine-tuning
+    # evaluation) or "albef_randaug" (each example its own RandomResizedCrop, flip, RandomAugment; augment.py)
+    transform: str = "clip"
+    hflip: bool = True  # horizontal flips in "albef_randaug"
+    colour_ops: bool = True  # RandomAugment's colour ops in "albef_randaug" (not for VQA)
     rank: int = 0
     world_size: int = 1
     seed: int = 0
@@ -146,8 +149,8 @@ class LoaderSpec:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.augment not in AUGMENTS:
-            raise ConfigError(f"augment={self.augment!r} is not one of {', '.join(AUGMENTS)}")
+        if self.transform not in TRANSFORMS:
+            raise ConfigError(f"transform={self.transform!r} is not one of {', '.join(TRANSFORMS)}")
         for name in ("batch_size", "image_size", "world_size", "example_pool"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -203,8 +206,10 @@ class Loader:
         self.weights = torch.tensor(list(map(float, weights)), dtype=torch.double)
         self.backend, self.batch_size, self.image_size, self.exts = (
             spec.backend, spec.batch_size, spec.image_size, tuple(spec.images))
-        self.expand, self.collate, self.train, self.augment, self.hflip = (
-            spec.expand, spec.collate, spec.train, spec.augment, spec.hflip)
+        self.expand, self.collate, self.train, self.transform, self.hflip = (
+            spec.expand, spec.collate, spec.train, spec.transform, spec.hflip)
+        # fine-tuning augmentation: decode each image whole, once, and give each of its examples its own view
+        self.per_example = spec.transform == "albef_randaug"
         self.max_bad_fraction, self.bad_fraction_floor = spec.max_bad_fraction, spec.bad_fraction_floor
         self.seed, self.rank, self.prefetch = spec.seed, spec.rank, spec.prefetch
         self.example_pool = spec.example_pool if spec.train else 1  # evaluation keeps the order
@@ -247,7 +252,8 @@ class Loader:
     def _reset_working_state(self) -> None:
         self._mix = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, "mix"))
         self._pick = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, "pool"))
-        self._buffer: list[tuple[dict, RawSample]] = []
+        # (example, its image sample, the example's index among that image's examples)
+        self._buffer: list[tuple[dict, RawSample, int]] = []
         self._counts = {"samples_seen": 0, "images_seen": 0, "bad_samples": 0, "batches": 0}
         self._active = [True] * len(self.sources)
 
@@ -292,15 +298,16 @@ class Loader:
                 geoms = []
                 for k, payload in enumerate(raw.encoded):
                     width, height = dali.jpeg_size(payload)
-                    geoms.append((sample_geometry(width, height, self.image_size, self.augment,
+                    geoms.append((sample_geometry(width, height, self.image_size, self.transform,
                                                   mix_seed(raw.seed, k), self.hflip), width, height))
-                geometries[id(raw)] = geoms
+                geometries[id(raw)] = None if self.per_example else geoms
                 ok.append(raw)
             except Exception as error:  # the header does not parse: corrupt before DALI sees it
                 errors[id(raw)] = f"{type(error).__name__}: {error}"
         per_ext = []
         for k in range(len(self.exts)):
-            images = self.decoder([r.encoded[k] for r in ok], [geometries[id(r)][k] for r in ok])
+            images = self.decoder([r.encoded[k] for r in ok],
+                                  None if self.per_example else [geometries[id(r)][k] for r in ok])
             per_ext.append(images)
             for raw, image in zip(ok, images):
                 if isinstance(image, str):
@@ -308,10 +315,7 @@ class Loader:
         for i, raw in enumerate(ok):
             if id(raw) in errors:
                 continue
-            images = [per_ext[k][i] for k in range(len(self.exts))]
-            if self.augment != "none":  # DALI gave uint8 crops: RandAugment then normalise
-                images = [normalize(rand_augment(img, mix_seed(raw.seed, k))[None])[0] for k, img in enumerate(images)]
-            raw.decoded = tuple(images)
+            raw.decoded = tuple(per_ext[k][i] for k in range(len(self.exts)))
         for raw in todo:
             if id(raw) in errors:
                 bad.append(raw)
@@ -332,7 +336,7 @@ class Loader:
     def _fill(self, examples: int, images: int) -> None:
         """Read, expand and decode image samples into the buffer until it holds `examples` examples from at least
         `images` images, or the sources end (a finite pass)."""
-        have = len({id(raw) for _, raw in self._buffer})
+        have = len({id(raw) for _, raw, _ in self._buffer})
         while len(self._buffer) < examples or have < images:
             new: list[tuple[RawSample, list[dict]]] = []
             count = len(self._buffer)
@@ -359,7 +363,7 @@ class Loader:
             for raw, expanded in new:
                 if id(raw) not in bad:
                     self._counts["images_seen"] += 1
-                    self._buffer.extend((example, raw) for example in expanded)
+                    self._buffer.extend((example, raw, j) for j, example in enumerate(expanded))
                     have += 1
 
     def _check_barren(self, dataset: int, examples: int) -> None:
@@ -389,8 +393,8 @@ class Loader:
             if not self._buffer:
                 return None
             chosen, self._buffer = self._buffer[: self.batch_size], self._buffer[self.batch_size:]
-        examples = [e for e, _ in chosen]
-        images = tuple(self._batch_images([raw.decoded[k] for _, raw in chosen]) for k in range(len(self.exts)))
+        examples = [e for e, _, _ in chosen]
+        images = tuple(self._example_images(chosen, k) for k in range(len(self.exts)))
         batch = self.collate(examples, images)
         batch.setdefault("pixel_values", images[0])
         if len(images) > 1:
@@ -401,13 +405,22 @@ class Loader:
         self._counts["batches"] += 1
         return batch
 
+    def _example_images(self, chosen: list[tuple[dict, RawSample, int]], k: int) -> torch.Tensor:
+        """The batch's images of member k: each example's own augmented view of its decoded image (fine-tuning
+        training), else the image as decoded, shared by the image's examples."""
+        if not self.per_example:
+            return self._batch_images([raw.decoded[k] for _, raw, _ in chosen])
+        views = [augment_example(raw.decoded[k], self.image_size, mix_seed(raw.seed, k, j), self.hflip,
+                                 self.spec.colour_ops) for _, raw, j in chosen]
+        return normalize(_stack(views))
+
     def _batch_images(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Stack the images; when they are exactly the rows of one decoder output, in order, and no example
         left in the buffer shares it, hand that tensor out as it is (no copy)."""
         base = tensors[0]._base
         if (base is not None and base.dim() == 4 and base.shape[0] == len(tensors)
                 and all(t._base is base and t.data_ptr() == base[i].data_ptr() for i, t in enumerate(tensors))
-                and not any(d._base is base for _, raw in self._buffer for d in raw.decoded)):
+                and not any(d._base is base for _, raw, _ in self._buffer for d in raw.decoded)):
             return base
         return _stack(tensors)
 
@@ -505,9 +518,9 @@ class Loader:
         committed = self._committed
         raws: dict[int, dict] = {}
         buffer = []
-        for example, raw in committed["buffer"]:
+        for example, raw, index in committed["buffer"]:
             raws.setdefault(id(raw), raw_state(raw))
-            buffer.append({"example": example, "raw": list(raws).index(id(raw))})
+            buffer.append({"example": example, "raw": list(raws).index(id(raw)), "index": index})
         sources = []
         for snap in committed["sources"]:
             snap = dict(snap)
@@ -548,7 +561,7 @@ class Loader:
         # The buffer's images were saved as their encoded bytes (DALI): decode them again, to the same pixels.
         undecoded = [raw for raw in raws if raw.decoded is None]
         bad = {id(r) for r in self._decode(undecoded)} if undecoded else set()
-        self._buffer = [(item["example"], raws[item["raw"]]) for item in state["buffer"]
+        self._buffer = [(item["example"], raws[item["raw"]], item.get("index", 0)) for item in state["buffer"]
                         if id(raws[item["raw"]]) not in bad]
         self._committed = self._snapshot()
         self._exhausted = False
@@ -596,13 +609,13 @@ def build_loader(spec: LoaderSpec) -> Loader:
                                          read_batch=max(spec.batch_size, 16))
                    for d, plan in enumerate(plans)]
         # decode where the batches go: device="mixed" on CUDA
-        decoder = dali.DaliDecoder(spec.batch_size, spec.image_size, normalise=spec.augment == "none",
+        decoder = dali.DaliDecoder(spec.batch_size, spec.image_size, whole=spec.transform == "albef_randaug",
                                    num_threads=spec.num_threads, gpu=device.type == "cuda")
     else:
         from .wds import WdsSource
 
         sources = [WdsSource(d, plan, exts, train=spec.train, seed=spec.seed, rank=spec.rank,
-                             shuffle_buffer=spec.shuffle_buffer, image_size=spec.image_size, augment=spec.augment,
-                             hflip=spec.hflip, num_workers=spec.num_threads)
+                             shuffle_buffer=spec.shuffle_buffer, image_size=spec.image_size,
+                             transform=spec.transform, num_workers=spec.num_threads)
                    for d, plan in enumerate(plans)]
     return Loader(spec, sources, decoder, device)

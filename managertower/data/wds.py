@@ -7,20 +7,21 @@ from __future__ import annotations
 import io
 import json
 import random
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from .augment import Geometry, mix_seed, normalize, rand_augment, sample_geometry
+from .augment import mix_seed, normalize
 from .plan import BadSample, Plan, RawSample, sample_seed
 from .shards import META
 
 
-def pil_transform(payload: bytes, size: int, geometry_fn: Callable[[int, int], Geometry], finetune: bool,
-                   seed: int) -> np.ndarray:
-    """JPEG bytes -> uint8 3 x size x size (normalised later, in the loader: uint8 is a quarter of the bytes to
-    send from a worker, and plain arrays travel through the pipe rather than torch's fd-sharing)."""
+def pil_transform(payload: bytes, size: int, transform: str) -> np.ndarray:
+    """JPEG bytes -> uint8 3 x size x size ("clip": shorter side + centre crop; "albef": the whole image to
+    (size, size)), or the whole decoded image for "albef_randaug" (each example is augmented from it in the
+    loader). Normalised later, in the loader: uint8 is a quarter of the bytes to send from a worker, and plain
+    arrays travel through the pipe rather than torch's fd-sharing."""
     from PIL import Image
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
@@ -29,16 +30,12 @@ def pil_transform(payload: bytes, size: int, geometry_fn: Callable[[int, int], G
         if opened.format != "JPEG":
             raise ValueError(f"not a JPEG ({opened.format})")
         image = opened.convert("RGB")
-    if not finetune:
+    if transform == "clip":
         image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC)
         image = TF.center_crop(image, [size, size])
-        return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
-    geom = geometry_fn(*image.size)
-    image = TF.resized_crop(image, int(geom.top), int(geom.left), int(geom.bottom - geom.top),
-                            int(geom.right - geom.left), [size, size], interpolation=InterpolationMode.BICUBIC)
-    if geom.flip:
-        image = TF.hflip(image)
-    return rand_augment(TF.pil_to_tensor(image), seed).numpy()
+    elif transform == "albef":
+        image = TF.resize(image, [size, size], interpolation=InterpolationMode.BICUBIC)
+    return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
 
 
 def _identity(item):
@@ -63,11 +60,11 @@ class _WdsStream(torch.utils.data.IterableDataset):
     """The canonical stream of one dataset on one rank from `start` on, decoded by DataLoader workers."""
 
     def __init__(self, dataset: int, plan: Plan, exts: tuple[str, ...], *, train: bool, seed: int, rank: int,
-                 shuffle_buffer: int, image_size: int, augment: str, hflip: bool, start: int):
+                 shuffle_buffer: int, image_size: int, transform: str, start: int):
         super().__init__()
         self.dataset, self.plan, self.exts, self.train, self.seed, self.rank = dataset, plan, exts, train, seed, rank
-        self.shuffle_buffer, self.image_size, self.augment, self.hflip, self.start = (
-            shuffle_buffer, image_size, augment, hflip, start)
+        self.shuffle_buffer, self.image_size, self.transform, self.start = (
+            shuffle_buffer, image_size, transform, start)
 
     def _epoch(self, epoch: int) -> Iterator[dict]:
         import webdataset
@@ -125,11 +122,7 @@ class _WdsStream(torch.utils.data.IterableDataset):
             meta = json.loads(sample[META])
             images = []
             for k, ext in enumerate(self.exts):
-                image_seed = mix_seed(seed, k)
-                images.append(pil_transform(
-                    sample[ext], self.image_size,
-                    lambda w, h, s=image_seed: sample_geometry(w, h, self.image_size, self.augment, s, self.hflip),
-                    self.augment != "none", image_seed))
+                images.append(pil_transform(sample[ext], self.image_size, self.transform))
         except Exception as error:  # a corrupt member: counted and skipped by the loader
             return BadSample(self.dataset, position, key, f"{type(error).__name__}: {error}")
         return RawSample(self.dataset, position, str(meta.get("key", key)), meta, seed, decoded=tuple(images))
@@ -144,9 +137,10 @@ class _WdsStream(torch.utils.data.IterableDataset):
 
 class WdsSource:
     def __init__(self, dataset: int, plan: Plan, exts: tuple[str, ...], *, train: bool, seed: int, rank: int,
-                 shuffle_buffer: int, image_size: int, augment: str, hflip: bool, num_workers: int):
+                 shuffle_buffer: int, image_size: int, transform: str, num_workers: int):
         self.kwargs = dict(train=train, seed=seed, rank=rank, shuffle_buffer=shuffle_buffer, image_size=image_size,
-                           augment=augment, hflip=hflip)
+                           transform=transform)
+        self.transform = transform
         self.dataset, self.plan, self.exts, self.train, self.num_workers = dataset, plan, exts, train, num_workers
         self.position = 0
         self.iterator = None
@@ -175,7 +169,10 @@ class WdsSource:
             raise RuntimeError(f"webdataset stream out of order: expected sample {self.position}, got {item.position}")
         self.position += 1
         if isinstance(item, RawSample):
-            item.decoded = tuple(normalize(torch.from_numpy(image)[None])[0] for image in item.decoded)
+            images = (torch.from_numpy(image) for image in item.decoded)
+            # whole images stay uint8 until each example's augmented view is made (loader)
+            item.decoded = tuple(images if self.transform == "albef_randaug" else
+                                 (normalize(image[None])[0] for image in images))
         return item
 
     def snapshot(self) -> dict:

@@ -38,13 +38,14 @@ SPLITS = ("train", "eval")
 @dataclass
 class TaskData:
     """What a task reads for one split: the datasets' shard paths (one list per dataset), their mixing
-    weights, how a sample expands into examples, the collator and the augmentation ("none" | "finetune")."""
+    weights, how a sample expands into examples, the collator and the image transform (data/augment.py:
+    "clip" pre-training, "albef" fine-tuning evaluation, "albef_randaug" fine-tuning training)."""
 
     shards: Sequence[Sequence[str]]
     expand: Expand
     collate: Collator
     weights: Sequence[float] | None = None
-    augment: str = "none"
+    transform: str = "clip"
 
 EXPERT_PREFIXES = ("model.text_expert.", "model.vision_expert.")
 
@@ -54,8 +55,10 @@ class Task(nn.Module):
     head_prefixes: tuple[str, ...] = ()  # parameters trained at task.head_lr_mult (fine-tuning heads)
     head_lr_mult: float = 1.0
     images: tuple[str, ...] = (PRIMARY_IMAGE,)  # the image members of a shard sample this task reads
-    # Horizontal flips in training augmentation: off where the text names sides (VQA: "at the top left").
+    # Training augmentation (released albef_randaug_wc): horizontal flips and RandomAugment's colour ops; VQA
+    # turns both off (released albef_randaug_wohf: questions name sides and colours).
     hflip = True
+    colour_ops = True
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -93,7 +96,8 @@ class Task(nn.Module):
         return build_loader(LoaderSpec(
             shards=data.shards, weights=data.weights, expand=data.expand, collate=data.collate,
             batch_size=cfg.train.micro_batch, image_size=cfg.model.image_size, backend=cfg.data.backend,
-            images=self.images, train=train, augment=data.augment, hflip=self.hflip, rank=rank,
+            images=self.images, train=train, transform=data.transform, hflip=self.hflip,
+            colour_ops=self.colour_ops, rank=rank,
             world_size=world_size, seed=cfg.train.seed if train else 0, num_threads=cfg.data.num_threads,
             shuffle_buffer=cfg.data.shuffle_buffer, max_bad_fraction=cfg.data.max_bad_fraction,
             example_pool=cfg.data.example_pool, device=device))

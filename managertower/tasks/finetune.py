@@ -97,7 +97,7 @@ class FinetuneTask(Task):
         train = split == "train"
         return TaskData(shards=[self.shard_paths(split)], expand=self.expand if train else self.expand_eval,
                         collate=self.make_collator(train=train),
-                        augment="finetune" if (train and self.cfg.task.augment) else "none")
+                        transform="albef_randaug" if (train and self.cfg.task.augment) else "albef")
 
     def train_examples(self) -> int:
         return sum(len(self.expand(meta)) for meta in iter_metadata(self.shard_paths("train")))

@@ -76,7 +76,8 @@ class VQATask(FinetuneTask):
     name = "vqav2"
     head_prefixes = ("classifier.",)
     default_head_lr_mult = 50.0
-    hflip = False
+    hflip = False  # released albef_randaug_wohf: no flip, no colour ops (questions name sides and colours)
+    colour_ops = False
 
     def __init__(self, cfg: Config):
         vocab_path = find_answer_vocab(cfg)

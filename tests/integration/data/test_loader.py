@@ -150,7 +150,7 @@ def test_exact_resume(data, tokenizer, backend, pool):
 @pytest.mark.parametrize("pool", [1, 8])
 def test_exact_resume_finetune_augmentation(data, pool):
     def make():
-        return _loader([data["a"]], "dali", train=True, augment="finetune", batch_size=6, prefetch=0,
+        return _loader([data["a"]], "dali", train=True, transform="albef_randaug", batch_size=6, prefetch=0,
                        example_pool=pool)
 
     uninterrupted = [b for _, b in zip(range(5), make())]
@@ -191,7 +191,7 @@ def test_example_pool_mixes_images_into_batches_without_repeats(data, backend):
 
 
 def test_finetune_augmentation_agrees_across_backends(data):
-    kwargs = dict(augment="finetune", hflip=True, batch_size=6, expand=partial(expand_pretrain, per_caption=False))
+    kwargs = dict(transform="albef_randaug", hflip=True, batch_size=6, expand=partial(expand_pretrain, per_caption=False))
     dali = next(iter(_loader([data["a"]], "dali", **kwargs)))
     wds = next(iter(_loader([data["a"]], "webdataset", num_threads=0, **kwargs)))
     assert dali["keys"] == wds["keys"]
@@ -241,7 +241,7 @@ def test_bad_configs_fail_early(data, tmp_path):
     assert "dataprep" in str(error.value) and os.path.basename(str(copy)[:-4] + ".idx") in str(error.value)
     for kwargs, match in (({"image_size": 0}, "image_size"), ({"backend": "torch"}, "backend"),
                           ({"rank": 2, "world_size": 2}, "rank"), ({"weights": [1.0, 2.0]}, "weights"),
-                          ({"augment": "heavy"}, "augment"), ({"batch_size": -1}, "batch_size")):
+                          ({"transform": "heavy"}, "transform"), ({"batch_size": -1}, "batch_size")):
         with pytest.raises(ConfigError, match=match):
             _loader([data["a"]], kwargs.pop("backend", "dali"), **kwargs)
 
