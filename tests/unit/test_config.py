@@ -1,12 +1,13 @@
-"""Typed configs: presets, recipes + overrides, renamed keys, a train.ds_config file checked against the recipe,
-and one clear ConfigError (naming the key and the fix) for each mistake a user can make. (The DeepSpeed config of
-each ZeRO layout and precision: tests/unit/engine/test_deepspeed_config.py.)"""
+"""Typed configs: presets, recipes + overrides, renamed keys, a tower of every manager kind, a train.ds_config
+file checked against the recipe, and one clear ConfigError (naming the key and the fix) for each mistake a user
+can make. (The DeepSpeed config of each ZeRO layout and precision: tests/unit/engine/test_deepspeed_config.py.)"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from managertower.config import (FINETUNE_TASKS, MANAGER_KINDS, RENAMED_KEYS, SIZE_PRESETS, TASK_NAMES, Config,
@@ -58,8 +59,33 @@ def test_recipe_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("kind", MANAGER_KINDS)
 def test_every_manager_kind_builds(kind):
-    cfg = model_cfg("model.size=tiny", f"model.manager={kind}")
-    assert ModelConfig(**{**cfg.__dict__}).manager == kind
+    """ModelConfig(size="tiny", manager=kind) builds a tower whose forward fuses a tiny batch: the text tokens,
+    the class token + patches of the image and the two pooled halves of cls_feats, all finite; the kinds with
+    learned aggregation weights report one row per cross-modal layer over the experts, each row summing to 1."""
+    cfg = ModelConfig(size="tiny", manager=kind)
+    torch.manual_seed(0)
+    model = ManagerTower(cfg).eval()
+    generator = torch.Generator().manual_seed(0)
+    batch, text_len = 2, 9
+    ids = torch.randint(5, model.text_expert.vocab_size, (batch, text_len), generator=generator)
+    mask = torch.ones(batch, text_len, dtype=torch.long)
+    mask[1, 6:] = 0  # one padded caption
+    pixels = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=generator)
+    with torch.no_grad():
+        out = model(ids, mask, pixels)
+    patches = (cfg.image_size // 8) ** 2  # the tiny vision expert's 8-pixel patches
+    assert out.text.shape == (batch, text_len, cfg.hidden_size)
+    assert out.image.shape == (batch, 1 + patches, cfg.hidden_size)
+    assert out.cls_feats.shape == (batch, 2 * cfg.hidden_size)
+    assert all(torch.isfinite(t).all() for t in (out.text, out.image, out.cls_feats))
+    weights = model.manager_weights()
+    if kind in ("meter", "bridgetower"):  # METER reads the last layer only; BridgeTower one layer per layer
+        assert weights == {}
+    else:
+        assert set(weights) == {"text", "image"}
+        for side in ("text", "image"):
+            assert weights[side].shape == (cfg.cross_layers, cfg.num_experts), side
+            torch.testing.assert_close(weights[side].sum(-1), torch.ones(cfg.cross_layers))
 
 
 def test_unknown_manager():
