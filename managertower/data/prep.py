@@ -13,16 +13,25 @@
    record matches the plan and whose sha256 still matches, and redoes the rest.
 4. Each run writes its own manifest (`OUT/.dataprep/runs/{split}.part-I-of-N.json`); the merged
    `OUT/manifest.json` and `OUT/sizes.json` are rebuilt from all run manifests in the folder.
+
+Nothing is deleted without asking: before any image is read, OUT is checked for shards this run would
+replace or delete (another source's, another plan's, or shards no dataprep record knows), and the run
+stops with OutputConflictError unless `overwrite=True`. Parts record their plan fingerprint, and a merge
+of parts cut to different plans fails with PlanMismatchError naming them. Paths are never glob patterns
+here: a folder named `out[1]` is that folder.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import glob
 import hashlib
 import json
+import numbers
 import os
 import random
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -44,8 +53,64 @@ MANIFEST_FORMAT = 1
 _SHARD_FILE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")
 
 
+# Reader options that change what a run reports, not which items it plans (their effect on the plan is
+# already in the item keys): left out of the plan fingerprint.
+RUN_ONLY_OPTIONS = frozenset({"skip_bad_lines"})
+JPEG_QUALITY_RANGE = (1, 100)  # libjpeg clamps anything else into this range; PIL advises at most 95
+
+
 class WorkerDiedError(DataprepError):
     """A worker process was killed (OOM killer, SIGKILL, a node going down) in the middle of a shard."""
+
+
+class OutputConflictError(DataprepError):
+    """OUT holds shards this run would replace or delete: another source's, another plan's, or unknown ones."""
+
+
+class PlanMismatchError(DataprepError):
+    """Runs of one split in OUT were cut to different plans (seed, shard size, annotations, image settings)."""
+
+
+def _whole_number(flag: str, value: Any, minimum: int | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or (minimum is not None and value < minimum)):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise DataprepError(f"{flag} must be a whole number{bound}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class PrepSettings:
+    """The numbers of one run, checked before anything is read or written: a wrong one is one DataprepError
+    line naming the flag (the door only passes the values on)."""
+
+    workers: int = 1
+    samples_per_shard: int = 1000
+    max_image_side: int | None = DEFAULT_MAX_SIDE  # None or 0: every image keeps its size
+    quality: int = DEFAULT_QUALITY
+    seed: int = 0
+    part: tuple[int, int] = (0, 1)
+
+    def __post_init__(self) -> None:
+        _whole_number("--workers", self.workers, 1)
+        _whole_number("--samples-per-shard", self.samples_per_shard, 1)
+        if self.max_image_side is not None:
+            side = _whole_number("--max-image-side", self.max_image_side)
+            if side < 0:
+                raise DataprepError(f"--max-image-side must be the longer side in pixels (>= 1), or 0 to keep "
+                                    f"every image's size; got {side}")
+            object.__setattr__(self, "max_image_side", side or None)
+        low, high = JPEG_QUALITY_RANGE
+        quality = _whole_number("--quality", self.quality)
+        if not low <= quality <= high:
+            raise DataprepError(f"--quality must be a JPEG quality from {low} to {high} (PIL advises at most 95), "
+                                f"got {quality}")
+        _whole_number("--seed", self.seed)
+        part = parse_part(self.part) if isinstance(self.part, str) else tuple(self.part)
+        if len(part) != 2:
+            raise DataprepError(f"--part {self.part!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+        parse_part(f"{_whole_number('--part I', part[0])}/{_whole_number('--part N', part[1])}")
+        object.__setattr__(self, "part", (int(part[0]), int(part[1])))
 
 
 @dataclass
@@ -72,9 +137,11 @@ class ShardResult:
 # Worker side: one shard per task.
 
 _progress_tick: Callable[[int], None] = lambda n: None
+_worker_parent: int | None = None  # the parent pid a worker started under; None in the driver itself
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(counter) -> None:
+def _init_worker(counter, driver_pid: int) -> None:
     global _progress_tick
 
     def tick(n: int) -> None:
@@ -82,6 +149,42 @@ def _init_worker(counter) -> None:
             counter.value += n
 
     _progress_tick = tick
+    _end_with_parent(driver_pid)
+
+
+def _end_with_parent(driver_pid: int) -> None:
+    """A worker must not outlive its driver: a driver killed with SIGKILL (OOM killer, scancel) used to leave
+    its workers writing shards nobody records, then blocked forever on a queue nobody reads. On Linux the
+    kernel kills the worker when its parent dies (PR_SET_PDEATHSIG); everywhere, the worker checks before
+    each item that it still has the parent it started under."""
+    global _worker_parent
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl in this libc: the parent check below still ends us
+            pass
+    _worker_parent = os.getppid()
+    if not _process_alive(driver_pid):  # the driver died before prctl took effect
+        os._exit(1)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:  # a killed driver stays a zombie until its parent reaps it
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _exit_if_orphaned() -> None:
+    if _worker_parent is not None and os.getppid() != _worker_parent:
+        os._exit(1)  # the driver is gone: nobody would record this shard; --resume redoes it
 
 
 def _state_path(out: str, *parts: str) -> str:
@@ -131,6 +234,7 @@ def write_shard(task: ShardTask) -> ShardResult:
                          shard_indices=[task.index])
     try:
         for item in task.items:
+            _exit_if_orphaned()
             try:
                 jpeg, meta, extra = encode_item(item, task.max_image_side, task.quality)
             except ImageRejected as rejected:
@@ -175,6 +279,8 @@ def plan_shards(items: list[Item], samples_per_shard: int, seed: int) -> list[li
 
 
 def _plan_fingerprint(source: str, split: str, plan: list[list[Item]], settings: dict) -> str:
+    settings = dict(settings, options={name: value for name, value in settings["options"].items()
+                                       if name not in RUN_ONLY_OPTIONS})
     digest = hashlib.sha256(json.dumps([source, split, settings], sort_keys=True, default=str).encode())
     for shard in plan:
         digest.update(b"|")
@@ -203,9 +309,15 @@ def _kept_shard(out: str, split: str, index: int, plan: str) -> ShardResult | No
     return ShardResult(index, record, done.get("skipped", {}), done.get("images", 0), kept_from_previous_run=True)
 
 
+def _in_folder(folder: str, pattern: str) -> list[str]:
+    """glob inside a literal folder: `[`, `]`, `*` and `?` in the folder's own name match themselves."""
+    return glob.glob(os.path.join(glob.escape(folder), pattern))
+
+
 def _remove_stale_outputs(out: str, split: str, planned_shards: int, own: list[int]) -> None:
-    """Shards of this split beyond the plan (a previous, bigger run) and our own half-written temp files."""
-    for path in glob.glob(os.path.join(out, f"{glob.escape(split)}-*.tar*")):
+    """Shards of this split beyond the plan (a previous, bigger run) and our own half-written temp files.
+    Called after _out_conflicts: what it removes is this plan's, or what the user let go with overwrite."""
+    for path in _in_folder(out, f"{glob.escape(split)}-*.tar*"):
         match = _SHARD_FILE.match(os.path.basename(path).removesuffix(".tmp"))
         if match and match.group("split") == split and int(match.group("index")) >= planned_shards:
             os.remove(path)
@@ -232,7 +344,7 @@ def _run_tasks(tasks: list[ShardTask], workers: int, bar) -> list[ShardResult]:
     counter = multiprocessing.Value("q", 0)
     results = []
     with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), initializer=_init_worker,
-                             initargs=(counter,)) as pool:
+                             initargs=(counter, os.getpid())) as pool:
         pending = {pool.submit(write_shard, task) for task in tasks}
         try:
             while pending:
@@ -278,22 +390,24 @@ class _Bar:
 def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike, split: str | None = None, *,
             workers: int = 1, samples_per_shard: int = 1000, max_image_side: int | None = DEFAULT_MAX_SIDE,
             part: tuple[int, int] | str = (0, 1), resume: bool = False, seed: int = 0,
-            quality: int = DEFAULT_QUALITY, progress: bool = True, summary: bool = True,
-            command: str | None = None, **options: Any) -> dict:
+            quality: int = DEFAULT_QUALITY, overwrite: bool = False, progress: bool = True,
+            summary: bool = True, command: str | None = None, **options: Any) -> dict:
     """Shard one split of one raw dataset into OUT; returns this run's manifest.
 
     `options` are the reader's own flags as plain values (e.g. annotations=..., images=..., exclude_ids=...).
     Raises DataprepError (AnnotationError for bad annotations) before writing anything when the input is
-    wrong, WorkerDiedError when a worker is killed (the finished shards stay for --resume).
+    wrong; OutputConflictError, before writing anything, when OUT holds shards this run would replace or
+    delete (another source's, another plan's, unknown ones) unless `overwrite` (which deletes them first);
+    PlanMismatchError when another part of this split finished meanwhile with a different plan;
+    WorkerDiedError when a worker is killed (the finished shards stay for --resume).
     """
     started = time.time()
     if source not in READERS:
         raise DataprepError(f"unknown source {source!r}; choose one of {', '.join(READERS)}")
-    if samples_per_shard < 1:
-        raise DataprepError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    part_index, part_count = parse_part(part) if isinstance(part, str) else part
-    parse_part(f"{part_index}/{part_count}")
-    max_image_side = max_image_side or None
+    checked = PrepSettings(workers=workers, samples_per_shard=samples_per_shard, max_image_side=max_image_side,
+                           quality=quality, seed=seed, part=part)
+    workers, samples_per_shard, max_image_side = checked.workers, checked.samples_per_shard, checked.max_image_side
+    quality, seed, (part_index, part_count) = checked.quality, checked.seed, checked.part
     out = str(out)
 
     reader = READERS[source](root, split, **options)
@@ -309,6 +423,12 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
     fingerprint = _plan_fingerprint(source, split, plan, settings)
     own = [index for index in range(len(plan)) if index % part_count == part_index]
 
+    conflicts = _out_conflicts(out, source, split, fingerprint, settings, len(plan), own)
+    if conflicts and not overwrite:
+        raise OutputConflictError(_conflict_message(out, source, split, conflicts, resume))
+    for path in sorted({path for conflict in conflicts for path in conflict.paths}):
+        if os.path.exists(path):
+            os.remove(path)
     os.makedirs(out, exist_ok=True)
     _remove_stale_outputs(out, split, len(plan), own)
     kept = {}
@@ -347,6 +467,7 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
         "skipped": dict(sorted(skipped.items())),
         "shards": records,
         "kept_from_previous_run": sorted(kept),
+        "overwritten": [conflict.what for conflict in conflicts],
         "extras": sorted(extras),
         "elapsed_s": round(time.time() - started, 3),
     }
@@ -355,16 +476,111 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
             atomic_write_json(os.path.join(out, name), content, sort_keys=True)
         atomic_write_json(_state_path(out, "runs", f"{split}.part-{part_index:04d}-of-{part_count:04d}.json"),
                           manifest, sort_keys=True)
-        for stale in glob.glob(_state_path(out, "runs", f"{glob.escape(split)}.part-*-of-*.json")):
+        for stale in _in_folder(_state_path(out, "runs"), f"{glob.escape(split)}.part-*-of-*.json"):
             if not stale.endswith(f"-of-{part_count:04d}.json"):  # a previous run cut into a different N
                 os.remove(stale)
         merged = write_merged_manifest(out)
     if summary:
+        for conflict in conflicts:
+            print(f"--overwrite: deleted {conflict.what}")
         print(format_summary([manifest], title=f"dataprep {source} {split} part {part_index}/{part_count}"))
         if part_count > 1 and not merged["complete"]:
             print(f"  {len(merged['missing_parts'])} part(s) of this folder still to run; manifest.json "
                   "is merged again when each part finishes")
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What OUT already holds: nothing is replaced or deleted without `overwrite`.
+
+@dataclass
+class _Conflict:
+    what: str  # a phrase for the one-line error, e.g. "coco shards (split train, 3 shards)"
+    paths: list[str]  # the files `overwrite` deletes
+
+
+def _settings_difference(theirs: dict | None, ours: dict) -> str:
+    """Why two plans differ, in the flags' words: "--seed 0 there, 7 here; ..."."""
+    theirs = theirs or {}
+    differences = []
+    for name in ("seed", "samples_per_shard", "max_image_side", "quality"):
+        if theirs.get(name) != ours.get(name):
+            differences.append(f"--{name.replace('_', '-')} {theirs.get(name)} there, {ours.get(name)} here")
+    their_options, our_options = theirs.get("options") or {}, ours.get("options") or {}
+    for name in sorted(set(their_options) | set(our_options)):
+        if name not in RUN_ONLY_OPTIONS and their_options.get(name) != our_options.get(name):
+            differences.append(f"--{name.replace('_', '-')} {their_options.get(name)} there, "
+                               f"{our_options.get(name)} here")
+    return "; ".join(differences) or "the same settings over different annotations"
+
+
+def _shard_files(out: str, name: str) -> list[str]:
+    """A shard's tar, its DALI index and its completion record."""
+    tar_path = os.path.join(out, name)
+    return [tar_path, index_path_for(tar_path), _state_path(out, "shards", name.removesuffix(".tar") + ".json")]
+
+
+def _out_conflicts(out: str, source: str, split: str, fingerprint: str, settings: dict, planned_shards: int,
+                   own: list[int]) -> list[_Conflict]:
+    """What in OUT this run would replace or delete without being its own plan's: run manifests of another
+    source (any split: one folder holds one source), run manifests and unfinished shards of this split cut
+    to another plan, and shards of this split that no dataprep record knows but this run would overwrite or
+    remove. Other parts' shards of the same plan and other splits of the same source are left alone."""
+    if not os.path.isdir(out):
+        return []
+    conflicts: list[_Conflict] = []
+    known: set[str] = set()
+    for path, manifest in _run_manifest_files(out):
+        names = [record["name"] for record in manifest.get("shards", [])]
+        known.update(names)
+        files = [path] + [file for name in names for file in _shard_files(out, name)]
+        label = (f"split {manifest.get('split')}, part {'/'.join(map(str, manifest.get('part', ['?', '?'])))}, "
+                 f"{len(names)} shards")
+        if manifest.get("source") != source:
+            files += [os.path.join(out, extra) for extra in manifest.get("extras", [])]
+            conflicts.append(_Conflict(f"{manifest.get('source')} shards ({label})", files))
+        elif manifest.get("split") == split and manifest.get("plan") != fingerprint:
+            conflicts.append(_Conflict(f"{source} {split} shards of another plan ({label}; "
+                                       f"{_settings_difference(manifest.get('settings'), settings)})", files))
+    unfinished = []
+    for path in sorted(_in_folder(_state_path(out, "shards"), "*.json")):
+        match = _SHARD_FILE.match(os.path.basename(path).removesuffix(".json") + ".tar")
+        if not match or match.group("split") != split:
+            continue
+        name = os.path.basename(path).removesuffix(".json") + ".tar"
+        known.add(name)
+        try:
+            with open(path) as handle:
+                plan = json.load(handle).get("plan")
+        except (OSError, ValueError, AttributeError):
+            plan = None
+        if plan != fingerprint:
+            unfinished.append(name)
+    covered = {path for conflict in conflicts for path in conflict.paths}
+    unfinished = [name for name in unfinished if os.path.join(out, name) not in covered]
+    if unfinished:
+        conflicts.append(_Conflict(f"{len(unfinished)} {split} shard(s) of another plan from a run that never "
+                                   f"finished ({unfinished[0]}, ...)",
+                                   [file for name in unfinished for file in _shard_files(out, name)]))
+    unknown = []
+    for path in sorted(_in_folder(out, "*.tar")):
+        match = _SHARD_FILE.match(os.path.basename(path))
+        if (match and match.group("split") == split and os.path.basename(path) not in known
+                and (int(match.group("index")) in own or int(match.group("index")) >= planned_shards)):
+            unknown.append(os.path.basename(path))
+    if unknown:
+        conflicts.append(_Conflict(f"{len(unknown)} {split} shard(s) no dataprep record knows ({unknown[0]}, ...)",
+                                   [file for name in unknown for file in _shard_files(out, name)]))
+    return conflicts
+
+
+def _conflict_message(out: str, source: str, split: str, conflicts: list[_Conflict], resume: bool) -> str:
+    more = f" and {len(conflicts) - 1} more" if len(conflicts) > 1 else ""
+    advice = ("--resume only continues the same plan: rerun with that run's settings, choose another --out, "
+              "or pass --overwrite to delete them first") if resume else (
+              "choose another --out, or pass --overwrite to delete them first")
+    return (f"{out} already holds {conflicts[0].what}{more}, which this {source} {split} run would replace or "
+            f"delete; {advice}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -389,22 +605,35 @@ class _folder_lock:
         self.handle.close()
 
 
+def _run_manifest_files(out: str) -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted(_in_folder(_state_path(out, "runs"), "*.json")):
+        try:
+            with open(path) as handle:
+                manifest = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise DataprepError(f"{path}: unreadable dataprep run manifest ({error}); delete it and rerun that "
+                                "part") from None
+        if not isinstance(manifest, dict) or "split" not in manifest:
+            raise DataprepError(f"{path}: not a dataprep run manifest; delete it and rerun that part")
+        found.append((path, manifest))
+    return found
+
+
 def run_manifests(out: str | os.PathLike) -> list[dict]:
-    manifests = []
-    for path in sorted(glob.glob(_state_path(str(out), "runs", "*.json"))):
-        with open(path) as handle:
-            manifests.append(json.load(handle))
-    return manifests
+    return [manifest for _, manifest in _run_manifest_files(str(out))]
 
 
 def merge_manifests(manifests: list[dict]) -> dict:
     """One view of every run in a folder: per split (its parts merged) and totals over all splits."""
     splits: dict[str, dict] = {}
+    plans: dict[str, dict[str, list[dict]]] = {}  # split -> plan fingerprint -> the runs cut to it
     for manifest in sorted(manifests, key=lambda m: (m["split"], m["part"])):
         entry = splits.setdefault(manifest["split"], {
             "source": manifest["source"], "parts": manifest["part"][1], "parts_done": [], "commands": [],
             "samples": 0, "images": 0, "captions": 0, "skipped": Counter(), "shards": [], "elapsed_s": 0.0,
-            "settings": manifest["settings"]})
+            "settings": manifest["settings"], "plan": manifest.get("plan")})
+        plans.setdefault(manifest["split"], {}).setdefault(manifest.get("plan"), []).append(manifest)
         entry["parts_done"].append(manifest["part"][0])
         entry["commands"].append(manifest["command"])
         for name in ("samples", "images", "captions"):
@@ -412,6 +641,7 @@ def merge_manifests(manifests: list[dict]) -> dict:
         entry["skipped"].update(manifest["skipped"])
         entry["shards"].extend(manifest["shards"])
         entry["elapsed_s"] = round(entry["elapsed_s"] + manifest["elapsed_s"], 3)
+    plan_conflicts = [_plan_conflict(split, by_plan) for split, by_plan in plans.items() if len(by_plan) > 1]
     missing_parts = []
     for split, entry in splits.items():
         entry["shards"].sort(key=lambda record: record["name"])
@@ -432,9 +662,23 @@ def merge_manifests(manifests: list[dict]) -> dict:
         "skipped": dict(sorted(skipped.items())),
         "shards": [record for entry in splits.values() for record in entry["shards"]],
         "elapsed_s": round(sum(entry["elapsed_s"] for entry in splits.values()), 3),
-        "complete": not missing_parts,
+        "complete": not missing_parts and not plan_conflicts,
         "missing_parts": missing_parts,
+        "plan_conflicts": plan_conflicts,
     }
+
+
+def _plan_conflict(split: str, by_plan: dict[str, list[dict]]) -> str:
+    """One line naming the parts of `split` and the plan each was cut to."""
+    groups = list(by_plan.values())
+    first = groups[0][0].get("settings")
+    described = []
+    for index, runs in enumerate(groups):
+        parts = ", ".join(f"{run['part'][0]}/{run['part'][1]}" for run in runs)
+        why = "" if index == 0 else f": {_settings_difference(first, runs[0].get('settings') or {})}"
+        described.append(f"part {parts} (plan {runs[0].get('plan')}{why})")
+    return (f"{split}: parts cut to different plans were merged: {' vs '.join(described)}; rerun the odd "
+            "part(s) with the same settings and --overwrite")
 
 
 def write_merged_manifest(out: str | os.PathLike) -> dict:
@@ -444,6 +688,8 @@ def write_merged_manifest(out: str | os.PathLike) -> dict:
     atomic_write_json(os.path.join(out, MANIFEST), merged, sort_keys=True)
     atomic_write_json(os.path.join(out, SIZES), {record["name"]: record["samples"] for record in merged["shards"]},
                       sort_keys=True)
+    if merged["plan_conflicts"]:  # manifest.json says complete: false and why; the merge itself fails
+        raise PlanMismatchError(f"{out}: {'; '.join(merged['plan_conflicts'])}")
     return merged
 
 
@@ -467,9 +713,21 @@ def verify(out: str | os.PathLike, decode: bool = True, progress: bool = False) 
         return VerifyReport(0, 0, [f"{out}: no dataprep manifest found (.dataprep/runs/*.json); was this folder "
                                    "written by `python -m dataprep`?"])
     merged = merge_manifests(manifests)
-    problems = [f"part {part} has not finished (no run manifest)" for part in merged["missing_parts"]]
+    problems = list(merged["plan_conflicts"])
+    problems += [f"part {part} has not finished (no run manifest)" for part in merged["missing_parts"]]
+    for manifest in manifests:  # each shard's completion record names the plan it was cut to
+        for record in manifest["shards"]:
+            try:
+                with open(_state_path(out, "shards", record["name"].removesuffix(".tar") + ".json")) as handle:
+                    done = json.load(handle)
+            except (OSError, ValueError):
+                continue  # a folder copied without its completion records: the sha256 check still holds
+            if isinstance(done, dict) and done.get("plan") != manifest.get("plan"):
+                problems.append(f"{record['name']}: cut to plan {done.get('plan')}, but part "
+                                f"{manifest['part'][0]}/{manifest['part'][1]} of {manifest['split']} is plan "
+                                f"{manifest.get('plan')} (a shard of another plan)")
     known = {record["name"] for record in merged["shards"]}
-    on_disk = {os.path.basename(p) for p in glob.glob(os.path.join(out, "*.tar"))}
+    on_disk = {os.path.basename(p) for p in _in_folder(out, "*.tar")}
     problems += [f"{name}: on disk but in no manifest (a stale or foreign shard)" for name in sorted(on_disk - known)]
     records = merged["shards"]
     if progress:
