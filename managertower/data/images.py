@@ -26,6 +26,9 @@ DEFAULT_QUALITY = 90
 # warns below twice the limit) so the reason is counted instead of crashing a worker.
 DEFAULT_MAX_PIXELS = 89_478_485
 WHITE = (255, 255, 255)
+HIGH_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Pixels converted at a time from 16/32-bit grayscale: 2 MB of float64 per temporary.
+TILE_PIXELS = 1 << 18
 EXIF_ORIENTATION = 0x0112
 
 
@@ -68,16 +71,35 @@ class EncodedImage:
     original_height: int
 
 
+def _high_bit_to_gray(image: Image.Image) -> Image.Image:
+    """16/32-bit grayscale -> 8-bit L with the range rescaled (PIL's convert("L") clips at 255: a white image).
+
+    Converted one tile of at most TILE_PIXELS at a time: a float64 copy of the whole image (the obvious way)
+    costs 8 bytes a pixel and several temporaries, 2.3 GB for a 9400x9400 PNG under the pixel limit, times
+    the workers. Here the extra memory is the 1-byte result plus a few MB, and the pixels are the same.
+    """
+    top = 65535.0 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 255.0
+    gray = Image.new("L", image.size)
+    tile_width = min(image.width, TILE_PIXELS)
+    tile_height = max(1, TILE_PIXELS // tile_width)
+    for top_row in range(0, image.height, tile_height):
+        for left in range(0, image.width, tile_width):
+            box = (left, top_row, min(left + tile_width, image.width), min(top_row + tile_height, image.height))
+            pixels = np.asarray(image.crop(box), dtype=np.float64)
+            tile = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            gray.paste(Image.fromarray(tile, "L"), box[:2])
+    return gray
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB; transparency is composited on white (what a viewer shows)."""
+    """Any PIL mode -> 8-bit RGB; transparency is composited on white (what a viewer shows).
+
+    16/32-bit grayscale comes back as 8-bit L: the caller downsizes it before the RGB copy (4 bytes a pixel
+    in PIL) so a large 16-bit image never exists as full-size RGB."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # 16/32-bit grayscale: PIL's convert("L") clips at 255 (a white image); rescale the range instead.
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        gray = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in HIGH_BIT_GRAY_MODES:
+        return _high_bit_to_gray(image)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode in ("P", "L", "RGB") and "transparency" in image.info)
     if has_alpha:
@@ -134,15 +156,18 @@ def sanitize_image(data: bytes, max_side: int | None = DEFAULT_MAX_SIDE, quality
 
     if keep_bytes:
         return EncodedImage(data, width, height, width, height)
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block must not lose an otherwise good image
-        pass
+    if orientation != 1:  # without one, exif_transpose returns a full-size copy: memory for nothing
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a malformed EXIF block must not lose an otherwise good image
+            pass
     image = _to_rgb(image)
     if max_side is not None and max(image.size) > max_side:
         scale = max_side / max(image.size)
         target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if image.mode != "RGB":  # the gray of a 16-bit image, after downsizing
+        image = image.convert("RGB")
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, optimize=False, progressive=False)
     # original_* is the upright size before downsizing: region boxes are rescaled with it.
