@@ -1,4 +1,4 @@
-"""Pre-training examples and batches (SPEC §2): captions -> tokens, MLM masking, ITM pairs.
+"""Pre-training examples and batches (docs/recipe.md §2): captions -> tokens, MLM masking, ITM pairs.
 
 `expand_pretrain` turns one image sample's metadata into examples (one per caption: "the paper's 9M pairs",
 or one random caption per image). `PretrainCollator` makes the text side of a batch; the loader adds the

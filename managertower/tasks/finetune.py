@@ -1,4 +1,4 @@
-"""What the fine-tuning tasks share (SPEC §3): data, schedule from epochs, evaluation plumbing.
+"""What the fine-tuning tasks share (docs/recipe.md §3): data, schedule from epochs, evaluation plumbing.
 
 A fine-tuning task is a `Task` (tasks/base.py) that implements
   expand(meta, rng) -> examples    one image sample's metadata -> its training examples (expand_eval: eval)
@@ -62,7 +62,7 @@ class FinetuneTask(Task):
     """A fine-tuning task; subclasses set `name`, `head_prefixes`, `default_head_lr_mult`, `images`, `hflip`
     and implement expand / make_collator / forward / eval_batch / eval_metrics / write_predictions."""
 
-    default_head_lr_mult = 1.0  # SPEC §3 Table 9 "head lr x"; task.head_lr_mult > 0 overrides it
+    default_head_lr_mult = 1.0  # docs/recipe.md §3.1 "head lr x"; task.head_lr_mult > 0 overrides it
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

@@ -1,4 +1,4 @@
-"""NLVR2 (SPEC §3): 384 px, two images per statement, two passes, CE over 2 classes, accuracy.
+"""NLVR2 (docs/recipe.md §3): 384 px, two images per statement, two passes, CE over 2 classes, accuracy.
 
 The statement is encoded once; each image runs through the vision expert (one batched call for both) and is
 projected with its own type row (1 left, 2 right: `tower.SECOND_IMAGE_TYPE`); the text is fused with each image

@@ -1,4 +1,4 @@
-"""Pre-training: MLM + ITM, loss = their plain sum (SPEC §2).
+"""Pre-training: MLM + ITM, loss = their plain sum (the paper, App. A.1; docs/recipe.md §2).
 
 One vision pass per step: MLM and ITM use the same images (ITM's negatives are other images of the batch),
 so the vision expert and the image projection run once and both objectives reuse its kept layers; the text

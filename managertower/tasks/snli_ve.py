@@ -1,4 +1,4 @@
-"""SNLI-VE (SPEC §3): 384 px, text = the hypothesis only, 3 classes (contradiction 0, neutral 1, entailment 2),
+"""SNLI-VE (docs/recipe.md §3): 384 px, text = the hypothesis only, classes contradiction 0, neutral 1, entailment 2,
 CE, accuracy. Head ClassifierHead(2D, 4D, 3) (1536 -> 3072 -> 3), lr x10.
 Predictions: RUN/predictions_snli_ve_{split}.csv, `pair_id,prediction,label` with the label names.
 """

@@ -1,4 +1,4 @@
-"""VQAv2 (SPEC §3): 576 px, one example per question, soft-target BCE x n_classes, VQA score.
+"""VQAv2 (docs/recipe.md §3): 576 px, one example per question, soft-target BCE x n_classes, VQA score.
 
 Head: ClassifierHead(2D, 4D, n_answers) on `cls_feats` (1536 -> 3072 -> 3129 at base size), lr x50.
 Answer classes: `answer_vocab.json` (a JSON list; dataprep writes it beside the VQAv2 shards from the answers

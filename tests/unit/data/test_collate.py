@@ -1,4 +1,4 @@
-"""Pre-training collation: MLM masking statistics, ITM pairs, determinism (SPEC §2)."""
+"""Pre-training collation: MLM masking statistics, ITM pairs, determinism (docs/recipe.md §2)."""
 import random
 
 import pytest

@@ -1,4 +1,4 @@
-"""Every manager against a float64 reference written from the paper's equations (§3, Appendix D; SPEC §1).
+"""Every manager against a float64 reference written from the paper's equations (§3, Appendix D; docs/recipe.md §1.1).
 
 The references below use plain loops and sums with one explicit LayerNorm per input, so they also check the
 shared-normalisation trick of managers.py (one normalisation of U shared by all managers, each manager applying
