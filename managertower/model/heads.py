@@ -1,4 +1,4 @@
-"""Task heads: MLM, ITM, the fine-tuning classifiers and the ITC projections (SPEC §2-3)."""
+"""Task heads: MLM, ITM, the fine-tuning classifiers and the ITC projections (docs/recipe.md §2-3)."""
 from __future__ import annotations
 
 import math

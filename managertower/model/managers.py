@@ -1,4 +1,4 @@
-"""Managers: how each cross-modal layer aggregates the insights of the uni-modal experts (paper §3, SPEC §1).
+"""Managers: how each cross-modal layer aggregates the uni-modal experts' insights (paper §3, docs/recipe.md §1.1).
 
 Every manager of layer l for one modality sees
   U_1..U_N  the N projected uni-modal layers (B x N x L x D), with their type and layer embeddings,

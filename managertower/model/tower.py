@@ -155,7 +155,7 @@ class ManagerTower(nn.Module):
 
 
 def init_new_weights(module: nn.Module) -> None:
-    """New (non-expert) layers: Linear/Embedding N(0, 0.02), bias 0, LayerNorm 1/0 (SPEC §1)."""
+    """New (non-expert) layers: Linear/Embedding N(0, 0.02), bias 0, LayerNorm 1/0 (docs/recipe.md §1)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         module.weight.data.normal_(0.0, 0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:

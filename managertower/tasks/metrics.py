@@ -1,4 +1,4 @@
-"""Fine-tuning metrics (SPEC §3), as plain functions of tensors and lists so they can be checked by hand.
+"""Fine-tuning metrics (docs/recipe.md §3), as plain functions of tensors and lists so they can be checked by hand.
 
     vqa_score(pred_answers, answer_scores)        mean soft score of the predicted answers (VQAv2)
     accuracy(pred, labels)                        NLVR2, SNLI-VE

@@ -1,4 +1,4 @@
-"""Image-text retrieval, Flickr30K and COCO (SPEC §3): ITC + ITM with hard negatives; ITC top-k re-ranked by ITM.
+"""Image-text retrieval, Flickr30K and COCO (docs/recipe.md §3.3): ITC + ITM with hard negatives, ITM re-ranking.
 
 Training step (B captions with their images; several captions of one picture may share a batch):
   ITC  the raw uni-modal class features (text expert last layer token 0 = encode_text(...)[:, -1, 0]; vision

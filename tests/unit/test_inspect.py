@@ -7,7 +7,7 @@ import pytest
 
 from managertower.inspect import PAPER_TABLE6, main
 
-FUSED_MANAGERS_M = 12.06  # "about 12.06 M parameters for both modalities" (SPEC §1)
+FUSED_MANAGERS_M = 12.06  # both modalities: the paper, Table 6, 338.64 - 326.58 (docs/recipe.md §1.2)
 
 
 @pytest.fixture(scope="module")
