@@ -99,7 +99,8 @@ class ModelConfig:
     cross_layers: int | None = None  # preset; L_C
     num_experts: int | None = None  # preset; N: the top N layers of each expert feed the managers
     manager: str = "aaue_fused"
-    manager_weights: str = "vector"  # SAUE / SAE logits: "vector" (N x D) or "scalar" (N x 1)
+    manager_weights: str = "vector"  # SAUE / SAE logits and W_C: "vector" (N x D, 1 x D) or "scalar" (N x 1, 1 x 1)
+    manager_noise: str = "element"  # training noise eps per element of B x N x L x D (released) or "logits" (README)
     manager_mask_padding: bool = False  # the released code attends to padded text in the fused query
     image_size: int | None = None  # preset
     max_text_len: int | None = None  # preset
@@ -115,6 +116,7 @@ class ModelConfig:
                 setattr(self, name, value)
         _check_choice("model.manager", self.manager, MANAGER_KINDS)
         _check_choice("model.manager_weights", self.manager_weights, ("vector", "scalar"))
+        _check_choice("model.manager_noise", self.manager_noise, ("element", "logits"))
         _check_choice("model.layer_norm", self.layer_norm, LAYER_NORM_BACKENDS)
         for name in ("hidden_size", "num_heads", "intermediate_size", "cross_layers", "num_experts",
                      "image_size", "max_text_len"):
@@ -198,9 +200,11 @@ class TrainConfig:
     micro_batch: int = 8
     lr: float = 1e-5
     # lr x of the layers new to the tower: projections, cross-modal layers, poolers, managers (and the
-    # pre-training heads), the paper's Table 8 "5x". The experts train at lr; fine-tuning heads at task.head_lr_mult.
+    # pre-training heads), the paper's Table 8 "5x". The experts, the type and layer-index embeddings and the ITC
+    # temperature train at lr (as released); fine-tuning heads at task.head_lr_mult.
     new_layer_lr_mult: float = 5.0
     weight_decay: float = 0.01
+    no_decay: str = "released"  # parameters without weight decay: the released code's rule or "all_norms" (README)
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-8
     warmup: float = 0.1  # fraction of steps (< 1) or a number of steps (>= 1)
@@ -227,6 +231,7 @@ class TrainConfig:
             _check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         _check_fraction("train.min_lr_ratio", self.min_lr_ratio)
         _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.no_decay", self.no_decay, ("released", "all_norms"))
         _check_choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _check_choice("train.offload", self.offload, OFFLOADS)
         _check_choice("train.optimizer", self.optimizer, ("auto", "torch_adamw", "deepspeed_adam"))
@@ -344,6 +349,9 @@ class TaskConfig:
     answer_vocab: str | None = None
     augment: bool = True
     retrieval_topk: int = 128
+    # Retrieval ITM hard negatives from the whole global batch, every rank's examples (the released recipe);
+    # false: from the rank's own micro-batch, which saves gathering every rank's uni-modal layers each step.
+    retrieval_global_negatives: bool = True
     itc_dim: int = 256
     # Pre-training only: weight of an extra ITC loss on the uni-modal class features. The paper uses none (0);
     # the tiny demo's random-init experts use it to get past the long chance-level plateau of ITM.

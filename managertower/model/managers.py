@@ -11,8 +11,11 @@ and returns the input of cross-modal layer l (B x L x D) plus its aggregation we
 (`ExpertInputs.normed`, no affine) followed by each manager's own per-input affine: the statistics of
 LN_i(U_i) do not depend on the manager, only its weight and bias do. Same result, 1/L_C of the work.
 
-Noise N(0, (1/N)^2) is added element-wise to the N logits in training only, before the temperature and the
-softmax: softmax((logits + eps) / tau).
+Noise N(0, (1/N)^2) is added in training only, before the temperature and the softmax: softmax((logits + eps) / tau).
+`noise="element"` (the released code, and the default) draws eps i.i.d. for every element of B x N x L x D, so every
+sample, token and channel gets its own mix of the N inputs while training; `noise="logits"` draws one eps per logit
+the manager computes (SAUE: one N x D draw shared by the batch and the tokens; AAUE: one per token, shared over the
+width), which keeps the training weights as small as the evaluation ones (no B x N x L x D weight tensor).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer_norm import LayerNorm
+
+NOISE_KINDS = ("element", "logits")
 
 
 @dataclass
@@ -41,26 +46,50 @@ def normalize_experts(experts: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Manager(nn.Module):
-    """Shared pieces: per-input LayerNorm affine, the prev-output LayerNorm and W_C, noisy softmax."""
+    """Shared pieces: per-input LayerNorm affine, the prev-output LayerNorm and W_C, noisy softmax.
 
-    def __init__(self, num_experts: int, dim: int, norm: type[LayerNorm], eps: float, uses_prev: bool):
+    `scalar`: W_C is one number instead of a 1 x D vector (model.manager_weights=scalar, as the released code's
+    scalar weights). `noise`: one of NOISE_KINDS (see the module docstring)."""
+
+    def __init__(self, num_experts: int, dim: int, norm: type[LayerNorm], eps: float, uses_prev: bool,
+                 scalar: bool = False, noise: str = "element"):
         super().__init__()
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"unknown manager noise {noise!r}: one of {', '.join(NOISE_KINDS)}")
         self.num_experts = num_experts
         self.dim = dim
         self.eps = eps
+        self.noise = noise
         # LN_i affine for each of the N inputs (the statistics are shared, see the module docstring).
         self.expert_norm_weight = nn.Parameter(torch.ones(num_experts, dim))
         self.expert_norm_bias = nn.Parameter(torch.zeros(num_experts, dim))
         self.uses_prev = uses_prev
         if uses_prev:
             self.prev_norm = norm(dim, eps=eps)
-            self.prev_weight = nn.Parameter(torch.ones(1, dim))  # W_C: a raw weight, init 1.0
+            # W_C: a raw weight, init 1.0, outside the softmax
+            self.prev_weight = nn.Parameter(torch.ones(1, 1 if scalar else dim))
         self.last_weights: torch.Tensor | None = None  # detached mean weight per expert, for logging
 
+    @property
+    def element_noise(self) -> bool:
+        """True when this forward draws noise per element of B x N x L x D (training with noise="element")."""
+        return self.training and self.noise == "element"
+
     def noisy_softmax(self, logits: torch.Tensor, temperature: torch.Tensor, dim: int) -> torch.Tensor:
+        """softmax((logits + eps) / tau) over `dim`, eps drawn per logit in training (noise="logits")."""
         if self.training:
             logits = logits + torch.randn_like(logits) / self.num_experts
         return torch.softmax(logits / temperature, dim=dim)
+
+    def element_softmax(self, logits: torch.Tensor, temperature: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """softmax over axis 1 of (logits + eps) / tau, logits broadcast to `shape` (B x N x L x D) and eps drawn
+        i.i.d. for each of its elements: the weights of every sample, token and channel explore on their own."""
+        noise = torch.randn(shape, dtype=logits.dtype, device=logits.device) / self.num_experts
+        return torch.softmax((logits + noise) / temperature, dim=1)
+
+    def element_sum(self, normed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_i w_i * LN_i(U_i) with per-element weights B x N x L x D."""
+        return (weights * self.expert_affine(normed)).sum(1)
 
     def expert_affine(self, normed: torch.Tensor) -> torch.Tensor:
         """LN_i(U_i) for all i at once: B x N x L x D."""
@@ -88,6 +117,28 @@ class Manager(nn.Module):
         mixed = torch.matmul(weights.unsqueeze(2), scaled.transpose(1, 2)).squeeze(2)
         return mixed + weights @ self.expert_norm_bias
 
+    def static_weighted(self, normed: torch.Tensor):
+        """(sum_i w_i * LN_i(U_i), w) from the learned logits `self.logits` (N x D or N x 1): w is N x D (N x 1), or
+        B x N x L x D while training with element noise."""
+        if self.element_noise:
+            weights = self.element_softmax(self.logits[None, :, None, :], self.temperature, normed.shape)
+            self.record(weights.movedim(1, -1))
+            return self.element_sum(normed, weights), weights
+        weights = self.noisy_softmax(self.logits, self.temperature, dim=0)
+        self.record(weights.expand(self.num_experts, self.dim).t())
+        return self.static_sum(normed, weights), weights
+
+    def token_weighted(self, logits: torch.Tensor, normed: torch.Tensor, prev: torch.Tensor):
+        """(sum_i w_i * LN_i(U_i) + W_C * LN(C), w) from per-token logits B x L x N: w is B x L x N, or
+        B x N x L x D while training with element noise."""
+        if self.element_noise:
+            weights = self.element_softmax(logits.transpose(1, 2).unsqueeze(-1), self.temperature, normed.shape)
+            self.record(weights.movedim(1, -1))
+            return self.element_sum(normed, weights) + prev, weights
+        weights = self.noisy_softmax(logits, self.temperature, dim=-1)
+        self.record(weights)
+        return self.token_sum(normed, weights) + prev, weights
+
     def record(self, weights: torch.Tensor) -> None:
         with torch.no_grad():
             # weights put the expert axis last (N x D is transposed by the callers that have it first)
@@ -100,18 +151,16 @@ class SAUEManager(Manager):
     Layer 1 has no previous output, so it is sum_i w_i LN_i(U_i) alone (paper Eq. 8-9).
     """
 
-    def __init__(self, num_experts, dim, norm, eps, uses_prev, scalar=False):
-        super().__init__(num_experts, dim, norm, eps, uses_prev)
+    def __init__(self, num_experts, dim, norm, eps, uses_prev, scalar=False, noise="element"):
+        super().__init__(num_experts, dim, norm, eps, uses_prev, scalar=scalar, noise=noise)
         self.logits = nn.Parameter(torch.full((num_experts, 1 if scalar else dim), 1.0 / num_experts))
         self.temperature = nn.Parameter(torch.ones(1))
 
     def forward(self, inputs: ExpertInputs):
-        weights = self.noisy_softmax(self.logits, self.temperature, dim=0)
-        out = self.static_sum(inputs.normed, weights)
+        out, weights = self.static_weighted(inputs.normed)
         _, prev = self.prev_term(inputs)
         if prev is not None:
             out = out + prev
-        self.record(weights.expand(self.num_experts, self.dim).t())
         return out, weights
 
 
@@ -123,8 +172,8 @@ class AAUEManager(Manager):
                    logits = Linear(2D -> N)(concat(A @ LN_q(C'), LN(C)))
     """
 
-    def __init__(self, num_experts, dim, norm, eps, fused=True, mask_padding=False):
-        super().__init__(num_experts, dim, norm, eps, uses_prev=True)
+    def __init__(self, num_experts, dim, norm, eps, fused=True, mask_padding=False, scalar=False, noise="element"):
+        super().__init__(num_experts, dim, norm, eps, uses_prev=True, scalar=scalar, noise=noise)
         self.fused = fused
         self.mask_padding = mask_padding
         if fused:
@@ -147,17 +196,14 @@ class AAUEManager(Manager):
     def forward(self, inputs: ExpertInputs):
         prev_normed, prev = self.prev_term(inputs)
         query = self.fused_query(prev_normed, inputs) if self.fused else prev_normed
-        weights = self.noisy_softmax(self.to_logits(query), self.temperature, dim=-1)  # B x L x N
-        out = self.token_sum(inputs.normed, weights) + prev
-        self.record(weights)
-        return out, weights
+        return self.token_weighted(self.to_logits(query), inputs.normed, prev)
 
 
 class ConcatAttentionManager(Manager):
     """Appendix D: W_A = Linear(2D -> D)(concat(C broadcast to N, U)), N x L x D weights, softmax over N."""
 
-    def __init__(self, num_experts, dim, norm, eps):
-        super().__init__(num_experts, dim, norm, eps, uses_prev=True)
+    def __init__(self, num_experts, dim, norm, eps, scalar=False, noise="element"):
+        super().__init__(num_experts, dim, norm, eps, uses_prev=True, scalar=scalar, noise=noise)
         self.to_logits = nn.Linear(2 * dim, dim)
         self.temperature = nn.Parameter(torch.ones(1))
 
@@ -165,6 +211,7 @@ class ConcatAttentionManager(Manager):
         prev_normed, prev = self.prev_term(inputs)
         experts = self.expert_affine(inputs.normed)  # B x N x L x D
         query = torch.cat([prev_normed.unsqueeze(1).expand_as(experts), experts], dim=-1)
+        # the logits are already per element, so both noise kinds draw eps per element
         weights = self.noisy_softmax(self.to_logits(query), self.temperature, dim=1)  # B x N x L x D
         out = (weights * experts).sum(1) + prev
         self.record(weights.movedim(1, -1))
@@ -174,8 +221,8 @@ class ConcatAttentionManager(Manager):
 class CrossAttentionManager(Manager):
     """Appendix D: query LN(C) (L x D), keys the first token of each expert (N x D), no value projection."""
 
-    def __init__(self, num_experts, dim, norm, eps):
-        super().__init__(num_experts, dim, norm, eps, uses_prev=True)
+    def __init__(self, num_experts, dim, norm, eps, scalar=False, noise="element"):
+        super().__init__(num_experts, dim, norm, eps, uses_prev=True, scalar=scalar, noise=noise)
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.temperature = nn.Parameter(torch.ones(1))
@@ -183,19 +230,16 @@ class CrossAttentionManager(Manager):
     def forward(self, inputs: ExpertInputs):
         prev_normed, prev = self.prev_term(inputs)
         first_tokens = self.expert_affine(inputs.normed[:, :, :1]).squeeze(2)  # B x N x D
-        logits = self.query(prev_normed) @ self.key(first_tokens).transpose(1, 2) / math.sqrt(self.dim)
-        weights = self.noisy_softmax(logits, self.temperature, dim=-1)  # B x L x N
-        out = self.token_sum(inputs.normed, weights) + prev
-        self.record(weights)
-        return out, weights
+        logits = self.query(prev_normed) @ self.key(first_tokens).transpose(1, 2) / math.sqrt(self.dim)  # B x L x N
+        return self.token_weighted(logits, inputs.normed, prev)
 
 
 class SAEManager(Manager):
     """Eq. 4 with the split initialisation: uni-modal logits (init 1/N) and cross-modal logits over
     C_1..C_{l-1} (init 1/(l-1)), each with its own softmax temperature and one LayerNorm per input."""
 
-    def __init__(self, num_experts, dim, norm, eps, layer_index: int, scalar=False):
-        super().__init__(num_experts, dim, norm, eps, uses_prev=False)
+    def __init__(self, num_experts, dim, norm, eps, layer_index: int, scalar=False, noise="element"):
+        super().__init__(num_experts, dim, norm, eps, uses_prev=False, noise=noise)
         width = 1 if scalar else dim
         self.logits = nn.Parameter(torch.full((num_experts, width), 1.0 / num_experts))
         self.temperature = nn.Parameter(torch.ones(1))
@@ -206,11 +250,14 @@ class SAEManager(Manager):
             self.history_norms = nn.ModuleList(norm(dim, eps=eps) for _ in range(layer_index))
 
     def forward(self, inputs: ExpertInputs):
-        weights = self.noisy_softmax(self.logits, self.temperature, dim=0)
-        out = self.static_sum(inputs.normed, weights)
-        self.record(weights.expand(self.num_experts, self.dim).t())
+        out, weights = self.static_weighted(inputs.normed)
         if self.num_history:
-            history_weights = self.noisy_softmax(self.history_logits, self.history_temperature, dim=0)
+            if self.element_noise:  # B x (l-1) x L x D, indexed per previous output below
+                batch, _, length, dim = inputs.normed.shape
+                history_weights = self.element_softmax(self.history_logits[None, :, None, :], self.history_temperature,
+                                                       torch.Size((batch, self.num_history, length, dim))).unbind(1)
+            else:
+                history_weights = self.noisy_softmax(self.history_logits, self.history_temperature, dim=0)
             for j, (norm, past) in enumerate(zip(self.history_norms, inputs.history)):
                 out = out + history_weights[j] * norm(past)
         return out, weights
@@ -231,20 +278,23 @@ class BridgeManager(nn.Module):
 
 
 def build_manager(kind: str, layer_index: int, num_experts: int, num_layers: int, dim: int,
-                  norm: type[LayerNorm], eps: float, scalar: bool = False, mask_padding: bool = False):
+                  norm: type[LayerNorm], eps: float, scalar: bool = False, mask_padding: bool = False,
+                  noise: str = "element"):
     """The manager of cross-modal layer `layer_index` (0-based). Layer 1 is SAUE for every adaptive kind."""
     if kind == "meter":
         return None
     if kind == "bridgetower":
         return BridgeManager(num_experts - num_layers + layer_index, dim, norm, eps)
+    common = dict(scalar=scalar, noise=noise)
     if kind == "sae":
-        return SAEManager(num_experts, dim, norm, eps, layer_index, scalar=scalar)
+        return SAEManager(num_experts, dim, norm, eps, layer_index, **common)
     if kind == "saue" or layer_index == 0:
-        return SAUEManager(num_experts, dim, norm, eps, uses_prev=layer_index > 0, scalar=scalar)
+        return SAUEManager(num_experts, dim, norm, eps, uses_prev=layer_index > 0, **common)
     if kind in ("aaue", "aaue_fused"):
-        return AAUEManager(num_experts, dim, norm, eps, fused=kind == "aaue_fused", mask_padding=mask_padding)
+        return AAUEManager(num_experts, dim, norm, eps, fused=kind == "aaue_fused", mask_padding=mask_padding,
+                           **common)
     if kind == "concat_attention":
-        return ConcatAttentionManager(num_experts, dim, norm, eps)
+        return ConcatAttentionManager(num_experts, dim, norm, eps, **common)
     if kind == "cross_attention":
-        return CrossAttentionManager(num_experts, dim, norm, eps)
+        return CrossAttentionManager(num_experts, dim, norm, eps, **common)
     raise ValueError(f"unknown manager kind {kind!r}")

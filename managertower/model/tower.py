@@ -3,7 +3,8 @@
 Shapes at base size, image 288, text 50 (N = 6 kept layers, L_C = 6 cross-modal layers, D = 768):
   encode_text   input_ids B x 50                    -> B x 6 x 50 x 768   (RoBERTa layers 7..12)
   encode_image  pixels B x 3 x 288 x 288            -> B x 6 x 325 x 768  (ln_post of ViT blocks 7..12)
-  project_*     Linear(768, 768) shared over layers + type row + layer-index rows
+  project_*     Linear(768, 768) shared over layers + type row + layer-index rows (one table per expert; none
+                for bridgetower and meter, which read one layer per cross-modal layer)
   fuse          managers -> 6 x (self-attn, cross-attn, FFN) per modality -> poolers -> cls_feats B x 1536
 
 The stages are separate methods so that a pre-training step runs the vision expert once for MLM and ITM.
@@ -23,6 +24,7 @@ from .layer_norm import layer_norm_class
 from .managers import ExpertInputs, build_manager, normalize_experts
 
 TEXT_TYPE, IMAGE_TYPE, SECOND_IMAGE_TYPE = 0, 1, 2
+LAYERLESS_KINDS = ("meter", "bridgetower")  # manager kinds without layer-index embeddings
 MANAGER_EPS = 1e-5
 CROSS_MODAL_EPS = 1e-12
 
@@ -54,13 +56,20 @@ class ManagerTower(nn.Module):
         self.text_proj = nn.Linear(self.text_expert.hidden_size, dim)
         self.image_proj = nn.Linear(self.vision_expert.hidden_size, dim)
         self.type_embedding = nn.Embedding(3, dim)  # text, image, NLVR2's second image
-        self.layer_embedding = nn.Embedding(max(self.text_expert.depth, self.vision_expert.depth), dim)
+        # Layer-index embeddings: one table per expert, a row per layer of that expert (rows 7..12 are used at
+        # base size), added where managers mix several layers. BridgeTower and METER have none: each of their
+        # cross-modal layers reads one uni-modal layer, so the row would only be a constant bias.
+        self.text_layer_embedding = self.image_layer_embedding = None
+        if cfg.manager not in LAYERLESS_KINDS:
+            self.text_layer_embedding = nn.Embedding(self.text_expert.depth, dim)
+            self.image_layer_embedding = nn.Embedding(self.vision_expert.depth, dim)
         self.register_buffer("text_layer_ids", torch.tensor(self.text_expert.kept_layer_ids()), persistent=False)
         self.register_buffer("image_layer_ids", torch.tensor(self.vision_expert.kept_layer_ids()), persistent=False)
 
         def managers():
             built = [build_manager(cfg.manager, layer, cfg.num_experts, cfg.cross_layers, dim, norm, MANAGER_EPS,
-                                   scalar=cfg.manager_weights == "scalar", mask_padding=cfg.manager_mask_padding)
+                                   scalar=cfg.manager_weights == "scalar", mask_padding=cfg.manager_mask_padding,
+                                   noise=cfg.manager_noise)
                      for layer in range(cfg.cross_layers)]
             return None if cfg.manager == "meter" else nn.ModuleList(built)
 
@@ -97,12 +106,16 @@ class ManagerTower(nn.Module):
         return self.vision_expert(pixel_values)
 
     def project_text(self, layers: torch.Tensor) -> torch.Tensor:
-        return (self.text_proj(layers) + self.type_embedding.weight[TEXT_TYPE]
-                + self.layer_embedding(self.text_layer_ids)[None, :, None, :])
+        projected = self.text_proj(layers) + self.type_embedding.weight[TEXT_TYPE]
+        if self.text_layer_embedding is None:
+            return projected
+        return projected + self.text_layer_embedding(self.text_layer_ids)[None, :, None, :]
 
     def project_image(self, layers: torch.Tensor, image_type: int = IMAGE_TYPE) -> torch.Tensor:
-        return (self.image_proj(layers) + self.type_embedding.weight[image_type]
-                + self.layer_embedding(self.image_layer_ids)[None, :, None, :])
+        projected = self.image_proj(layers) + self.type_embedding.weight[image_type]
+        if self.image_layer_embedding is None:
+            return projected
+        return projected + self.image_layer_embedding(self.image_layer_ids)[None, :, None, :]
 
     def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> FusionOutput:
         """Cross-modal encoder over projected experts: text B x N x Lt x D (mask B x Lt), image B x N x Li x D."""
