@@ -18,12 +18,31 @@ from __future__ import annotations
 import argparse
 import sys
 
-from managertower.data.formats import READERS, DataprepError
+from managertower.console import silence_known_warnings
+from managertower.data.formats import READERS, DataprepError, ReaderOption
 from managertower.data.images import DEFAULT_MAX_SIDE, DEFAULT_QUALITY
-from managertower.data.prep import command_line, format_stats, prepare, stats, verify
+from managertower.data.prep import format_stats, prepare, stats, verify
 
-COMMON_FLAGS = {"source", "root", "out", "split", "workers", "samples_per_shard", "max_image_side", "part",
-                "resume", "seed", "quality", "quiet"}
+# How each kind of reader option reads on the command line; every option defaults to None (not given), so
+# the reader sees only what the user set.
+OPTION_KINDS = {
+    "path": {},
+    "text": {},
+    "count": {"type": int},
+    "paths": {"nargs": "+"},
+    "switch": {"action": "store_true", "default": None},
+}
+
+
+def add_reader_options(parser: argparse.ArgumentParser, options: tuple[ReaderOption, ...]) -> None:
+    for option in options:
+        parser.add_argument(option.flag, dest=option.name, help=option.help, **OPTION_KINDS[option.kind])
+
+
+def reader_settings(args: argparse.Namespace) -> dict:
+    """The reader's own options the user gave (and --exclude-ids), by name: what `prepare` passes the reader."""
+    names = ["exclude_ids", *(option.name for option in READERS[args.source].reader_options)]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=0, help="the shuffle across shards")
         sub.add_argument("--exclude-ids", help="a file of image ids (one per line, or a JSON list) to leave out")
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
-        reader.add_arguments(sub)
+        add_reader_options(sub, reader.reader_options)
 
     synthetic = commands.add_parser("synthetic", help="write the synthetic shapes world in the real raw formats")
     synthetic.add_argument("--out", required=True, help="the raw folder to write (coco/, vqav2/, nlvr2/, ...)")
@@ -69,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    silence_known_warnings()
     try:
         if args.source == "verify":
             report = verify(args.out, decode=not args.quick, progress=True)
@@ -90,11 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.shard:
                 shard_world(args.out, args.shard, workers=args.workers)
             return 0
-        options = {key: value for key, value in vars(args).items() if key not in COMMON_FLAGS and value is not None}
         prepare(args.source, args.root, args.out, args.split, workers=args.workers,
                 samples_per_shard=args.samples_per_shard, max_image_side=args.max_image_side, part=args.part,
                 resume=args.resume, seed=args.seed, quality=args.quality, progress=not args.quiet,
-                command=command_line(argv), **options)
+                command=" ".join(["python -m dataprep", *argv]), **reader_settings(args))
         return 0
     except DataprepError as error:
         print(f"dataprep: error: {error}", file=sys.stderr)

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from dataprep.__main__ import main
+from dataprep.__main__ import build_parser, main, reader_settings
 from managertower.data.formats import READERS
 from managertower.data.formats.vqav2 import normalize_answer, soft_scores
 from managertower.data.prep import prepare
@@ -262,6 +262,35 @@ def test_every_source_has_a_layout_in_its_help(capsys):
         with pytest.raises(SystemExit):
             main([source, "--help"])
         assert "layout" in capsys.readouterr().out
+
+
+def test_reader_options_are_the_doors_flags_and_reach_the_reader(tmp_path, capsys):
+    # Readers declare their options as data; the door makes the flags and hands over only what was given.
+    for source, reader in READERS.items():
+        with pytest.raises(SystemExit):
+            main([source, "--help"])
+        out = capsys.readouterr().out
+        assert all(option.flag in out for option in reader.reader_options), source
+    parser = build_parser()
+    given = parser.parse_args(["vqav2", "--root", "r", "--out", "o", "--vocab-annotations", "a.json", "b.json",
+                               "--min-answer-count", "3", "--exclude-ids", "ids.txt"])
+    assert reader_settings(given) == {"vocab_annotations": ["a.json", "b.json"], "min_answer_count": 3,
+                                      "exclude_ids": "ids.txt"}
+    assert reader_settings(parser.parse_args(["vg", "--root", "r", "--out", "o"])) == {}  # --regions not given
+    assert reader_settings(parser.parse_args(["vg", "--root", "r", "--out", "o", "--regions"])) == {"regions": True}
+    root = tmp_path / "i2d"  # and through the whole door: --source-name renames the samples
+    root.mkdir()
+    image = io.BytesIO()
+    Image.new("RGB", (30, 30), COLOURS[0]).save(image, "JPEG")
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for ext, payload in (("jpg", image.getvalue()), ("txt", b"a red door")):
+            info = tarfile.TarInfo(f"000000007.{ext}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert main(["img2dataset", "--root", str(root), "--out", str(tmp_path / "out"), "--source-name", "sbu",
+                 "--quiet"]) == 0
+    assert [sample["__key__"] for path in expand_shards(str(tmp_path / "out")) for sample in iter_shard(path)] \
+        == ["sbu_000000007"]
 
 
 # -- clear errors for bad annotations --------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """One reader per raw dataset, by the SOURCE name `python -m dataprep SOURCE` takes."""
 from __future__ import annotations
 
-from managertower.data.formats.base import AnnotationError, DataprepError, Item, RawDataset, Scan
+from managertower.data.formats.base import AnnotationError, DataprepError, Item, RawDataset, ReaderOption, Scan
 from managertower.data.formats.cc3m import ConceptualCaptions
 from managertower.data.formats.img2dataset import Img2DatasetOutput
 from managertower.data.formats.karpathy import CocoKarpathy, Flickr30kKarpathy
@@ -15,4 +15,4 @@ READERS: dict[str, type[RawDataset]] = {reader.name: reader for reader in (
     CocoKarpathy, VisualGenome, ConceptualCaptions, SbuCaptions, Img2DatasetOutput, VQAv2, NLVR2, SnliVE,
     Flickr30kKarpathy)}
 
-__all__ = ["READERS", "AnnotationError", "DataprepError", "Item", "RawDataset", "Scan"]
+__all__ = ["READERS", "AnnotationError", "DataprepError", "Item", "RawDataset", "ReaderOption", "Scan"]

@@ -162,16 +162,38 @@ def read_id_list(path: str) -> set[str]:
     return {line.split("#")[0].strip() for line in text.splitlines()} - {""}
 
 
+@dataclass(frozen=True)
+class ReaderOption:
+    """One setting of a reader beyond root and split, as data: `python -m dataprep` shows it as `--NAME`
+    (underscores as dashes) and passes what the user gave as `options[name]`; an option not given is absent."""
+
+    name: str  # the key in RawDataset.options, e.g. "regions_file" (--regions-file)
+    help: str
+    kind: str = "path"  # path: a file or folder; text; count: a whole number; paths: one or more; switch: on/off
+
+    KINDS: ClassVar[tuple[str, ...]] = ("path", "text", "count", "paths", "switch")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"reader option {self.name}: kind {self.kind!r} is not one of {', '.join(self.KINDS)}")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
 class RawDataset:
     """Base of every reader. Subclasses set the class fields and implement `items()`.
 
-    `options` are the reader's own flags (path overrides and switches), already plain values.
+    `options` are the reader's own settings (path overrides and switches, declared in `reader_options`),
+    already plain values; a setting the user did not give is absent.
     """
 
     name: ClassVar[str]
     splits: ClassVar[tuple[str, ...]]
     default_split: ClassVar[str]
     layout: ClassVar[str]  # the folder layout it expects, shown by `python -m dataprep SOURCE --help`
+    reader_options: ClassVar[tuple[ReaderOption, ...]] = ()
 
     def __init__(self, root: str | os.PathLike | None, split: str | None = None, exclude_ids: str | None = None,
                  **options: Any):
@@ -184,10 +206,6 @@ class RawDataset:
         self.skipped: Counter = Counter()
 
     # -- for subclasses ------------------------------------------------------------------------------
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        """Reader-specific flags (path overrides). Flags default to None: `options` then lack the value."""
-
     def items(self) -> Iterator[Item]:
         raise NotImplementedError
 

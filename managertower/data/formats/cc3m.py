@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from managertower.data.formats.base import AnnotationError, Item, RawDataset, dedupe_captions, sample_key
+from managertower.data.formats.base import AnnotationError, Item, RawDataset, ReaderOption, dedupe_captions, sample_key
 from managertower.data.images import ImageSource
 
 TSV_NAMES = {"train": "Train_GCC-training.tsv", "val": "Validation_GCC-1.1.0-Validation.tsv"}
@@ -22,10 +22,10 @@ ROOT/Validation_GCC-1.1.0-Validation.tsv                                        
 ROOT/images/<row index>.<ext>             the downloaded images (rows without a file count as missing)
 """
 
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--tsv", help="the split's TSV file (default: see the layout)")
-        parser.add_argument("--images", help="the folder of <row index>.<ext> images (default ROOT/images)")
+    reader_options = (
+        ReaderOption("tsv", "the split's TSV file (default: see the layout)"),
+        ReaderOption("images", "the folder of <row index>.<ext> images (default ROOT/images)"),
+    )
 
     def items(self) -> Iterator[Item]:
         tsv = self.find_file("tsv", [TSV_NAMES[self.split]], f"the CC3M {self.split} TSV")

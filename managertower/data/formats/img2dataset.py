@@ -11,7 +11,8 @@ import os
 import tarfile
 from typing import Iterator
 
-from managertower.data.formats.base import AnnotationError, DataprepError, Item, RawDataset, dedupe_captions, sample_key
+from managertower.data.formats.base import (AnnotationError, DataprepError, Item, RawDataset, ReaderOption,
+                                            dedupe_captions, sample_key)
 from managertower.data.images import ImageSource
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -26,10 +27,10 @@ ROOT/00000.tar, ROOT/00001.tar, ...   img2dataset --output_format webdataset (su
   each sample: KEY.jpg, KEY.txt (caption), KEY.json (url, caption, key, status, width, height, ...)
 """
 
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--source-name", help="the dataset name written into the samples and keys "
-                                                  "(default img2dataset; e.g. cc3m or sbu)")
+    reader_options = (
+        ReaderOption("source_name", "the dataset name written into the samples and keys (default img2dataset; "
+                                    "e.g. cc3m or sbu)", kind="text"),
+    )
 
     def items(self) -> Iterator[Item]:
         tars = sorted(glob.glob(os.path.join(self.root, "**", "*.tar"), recursive=True))

@@ -9,22 +9,22 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Iterator
 
-from managertower.data.formats.base import (AnnotationError, Item, RawDataset, dedupe_captions, load_json,
+from managertower.data.formats.base import (AnnotationError, Item, RawDataset, ReaderOption, dedupe_captions, load_json,
                                             require, require_list, sample_key)
 from managertower.data.images import ImageSource
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
+def karpathy_options(annotation_file: str) -> tuple[ReaderOption, ...]:
+    return (ReaderOption("annotations", f"the Karpathy split file (default ROOT/{annotation_file})"),
+            ReaderOption("images", "the folder image paths are relative to (default: see the layout)"))
+
+
 class KarpathyCaptions(RawDataset):
     splits = ("train", "val", "test")
     default_split = "train"
     annotation_file: ClassVar[str]
-
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--annotations", help=f"the Karpathy split file (default ROOT/{cls.annotation_file})")
-        parser.add_argument("--images", help="the folder image paths are relative to (default: see the layout)")
 
     def image_path(self, record: dict, images_root: str) -> str:
         raise NotImplementedError
@@ -59,6 +59,7 @@ class KarpathyCaptions(RawDataset):
 class CocoKarpathy(KarpathyCaptions):
     name = "coco"
     annotation_file = "dataset_coco.json"
+    reader_options = karpathy_options(annotation_file)
     layout = """
 ROOT/dataset_coco.json            Karpathy split: {"images": [{"filepath", "filename", "cocoid", "split", "sentences"}]}
 ROOT/train2014/COCO_train2014_*.jpg   images at ROOT/<filepath>/<filename>
@@ -78,6 +79,7 @@ ROOT/val2014/COCO_val2014_*.jpg
 class Flickr30kKarpathy(KarpathyCaptions):
     name = "flickr30k"
     annotation_file = "dataset_flickr30k.json"
+    reader_options = karpathy_options(annotation_file)
     layout = """
 ROOT/dataset_flickr30k.json       Karpathy split: {"images": [{"filename", "imgid", "split", "sentences"}]}
 ROOT/flickr30k-images/*.jpg       the Flickr30K images (the 'flickr30k-images' folder of the download)

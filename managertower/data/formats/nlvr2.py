@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from managertower.data.formats.base import (AnnotationError, Item, RawDataset, index_image_files, iter_json_lines,
-                                            require, sample_key)
+from managertower.data.formats.base import (AnnotationError, Item, RawDataset, ReaderOption, index_image_files,
+                                            iter_json_lines, require, sample_key)
 from managertower.data.images import ImageSource
 
 LABELS = {"true": 1, "false": 0}
@@ -30,10 +30,10 @@ ROOT/{train,dev,test1}.json     JSON lines {"identifier": "split-set-pair-sent",
 ROOT/images/{split}/.../{split-set-pair}-img0.png and -img1.png   (or ROOT/{split}/...)
 """
 
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--annotations", help="the split's JSON-lines file (default ROOT/{split}.json)")
-        parser.add_argument("--images", help="the split's image folder (default ROOT/images/{split})")
+    reader_options = (
+        ReaderOption("annotations", "the split's JSON-lines file (default ROOT/{split}.json)"),
+        ReaderOption("images", "the split's image folder (default ROOT/images/{split})"),
+    )
 
     def items(self) -> Iterator[Item]:
         path = self.find_file("annotations", [f"{self.split}.json", f"data/{self.split}.json"],

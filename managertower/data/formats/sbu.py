@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from managertower.data.formats.base import (AnnotationError, Item, RawDataset, dedupe_captions, index_image_files,
-                                            load_json, require, sample_key)
+from managertower.data.formats.base import (AnnotationError, Item, RawDataset, ReaderOption, dedupe_captions,
+                                            index_image_files, load_json, require, sample_key)
 from managertower.data.images import ImageSource
 
 URLS_TXT = "SBU_captioned_photo_dataset_urls.txt"
@@ -23,10 +23,10 @@ ROOT/sbu-captions-all.json    {{"image_urls": [...], "captions": [...], "user_id
 ROOT/images/<URL file name>   e.g. images/4385058960_b0f291553e.jpg (sub-folders are searched too)
 """
 
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--annotations", help="sbu-captions-all.json (default ROOT/sbu-captions-all.json)")
-        parser.add_argument("--images", help="the images folder (default ROOT/images)")
+    reader_options = (
+        ReaderOption("annotations", "sbu-captions-all.json (default ROOT/sbu-captions-all.json)"),
+        ReaderOption("images", "the images folder (default ROOT/images)"),
+    )
 
     def _pairs(self) -> list[tuple[str, str]]:
         given = self.option("annotations")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from managertower.data.formats.base import (AnnotationError, Item, RawDataset, dedupe_captions, iter_json_lines,
-                                            require, sample_key)
+from managertower.data.formats.base import (AnnotationError, Item, RawDataset, ReaderOption, dedupe_captions,
+                                            iter_json_lines, require, sample_key)
 from managertower.data.images import ImageSource
 
 LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}
@@ -27,10 +27,10 @@ ROOT/snli_ve_{train,dev,test}.jsonl   {"gold_label", "sentence1", "sentence2", "
 ROOT/flickr30k-images/<id>.jpg        (also flickr30k_images/, Flickr30K/flickr30k_images/, images/)
 """
 
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--annotations", help="the split's jsonl file (default ROOT/snli_ve_{split}.jsonl)")
-        parser.add_argument("--images", help="the Flickr30K image folder (default: see the layout)")
+    reader_options = (
+        ReaderOption("annotations", "the split's jsonl file (default ROOT/snli_ve_{split}.jsonl)"),
+        ReaderOption("images", "the Flickr30K image folder (default: see the layout)"),
+    )
 
     def items(self) -> Iterator[Item]:
         path = self.find_file("annotations", [f"snli_ve_{self.split}.jsonl", f"data/snli_ve_{self.split}.jsonl"],

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from managertower.data.formats.base import (Item, RawDataset, dedupe_captions, load_json, normalize_caption,
-                                            read_id_list, require, require_list, sample_key, index_image_files)
+from managertower.data.formats.base import (Item, RawDataset, ReaderOption, dedupe_captions, load_json,
+                                            normalize_caption, read_id_list, require, require_list, sample_key,
+                                            index_image_files)
 from managertower.data.images import ImageSource
 
 
@@ -23,14 +24,14 @@ ROOT/image_data.json            [{"image_id", "url", "width", "height", "coco_id
 ROOT/VG_100K/<image_id>.jpg and ROOT/VG_100K_2/<image_id>.jpg
 """
 
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--regions-file", help="region_descriptions.json (default ROOT/region_descriptions.json)")
-        parser.add_argument("--image-data", help="image_data.json (default ROOT/image_data.json)")
-        parser.add_argument("--regions", action="store_true", default=None,
-                            help="also keep the region boxes (one per kept phrase), rescaled to the stored image")
-        parser.add_argument("--exclude-coco-ids", help="a file of COCO ids: VG images that are these COCO images "
-                                                       "are left out (e.g. the Karpathy val+test ids)")
+    reader_options = (
+        ReaderOption("regions_file", "region_descriptions.json (default ROOT/region_descriptions.json)"),
+        ReaderOption("image_data", "image_data.json (default ROOT/image_data.json)"),
+        ReaderOption("regions", "also keep the region boxes (one per kept phrase), rescaled to the stored image",
+                     kind="switch"),
+        ReaderOption("exclude_coco_ids", "a file of COCO ids: VG images that are these COCO images are left out "
+                                         "(e.g. the Karpathy val+test ids)"),
+    )
 
     def items(self) -> Iterator[Item]:
         regions_path = self.find_file("regions_file", ["region_descriptions.json"], "region_descriptions.json")

@@ -12,7 +12,8 @@ import re
 from collections import Counter, defaultdict
 from typing import Iterator
 
-from managertower.data.formats.base import AnnotationError, Item, RawDataset, load_json, require, require_list, sample_key
+from managertower.data.formats.base import (AnnotationError, Item, RawDataset, ReaderOption, load_json, require,
+                                            require_list, sample_key)
 from managertower.data.images import ImageSource
 
 # split -> (questions file stem, annotations file stem or None, image folder = COCO file-name prefix)
@@ -78,14 +79,14 @@ Writes OUT/answer_vocab.json: normalised multiple-choice answers seen >= --min-a
 train+val annotations found, most frequent first.
 """
 
-    @classmethod
-    def add_arguments(cls, parser) -> None:
-        parser.add_argument("--questions", help="the split's questions JSON (default: see the layout)")
-        parser.add_argument("--annotations", help="the split's annotations JSON (default: see the layout)")
-        parser.add_argument("--images", help="the split's image folder (default ROOT/train2014 etc.)")
-        parser.add_argument("--vocab-annotations", nargs="+",
-                            help="annotation files the answer vocabulary counts (default: train and val found in ROOT)")
-        parser.add_argument("--min-answer-count", type=int, help="answers seen fewer times are left out (default 9)")
+    reader_options = (
+        ReaderOption("questions", "the split's questions JSON (default: see the layout)"),
+        ReaderOption("annotations", "the split's annotations JSON (default: see the layout)"),
+        ReaderOption("images", "the split's image folder (default ROOT/train2014 etc.)"),
+        ReaderOption("vocab_annotations", "annotation files the answer vocabulary counts (default: train and val "
+                                          "found in ROOT)", kind="paths"),
+        ReaderOption("min_answer_count", "answers seen fewer times are left out (default 9)", kind="count"),
+    )
 
     def _annotation_path(self, stem: str) -> str:
         return os.path.join(self.root, f"v2_mscoco_{stem}_annotations.json")
