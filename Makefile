@@ -17,7 +17,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m managertower.demo --out runs/demo
+	$(PY) -m demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

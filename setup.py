@@ -1,7 +1,8 @@
 """ManagerTower: pre-training and fine-tuning at cluster scale.
 
 `pip install -e .[dev]` installs the library `managertower` and the doors `pretrain`, `finetune`,
-`dataprep` (each runnable with `python -m NAME`) plus the console scripts below.
+`dataprep`, `demo` (each runnable with `python -m NAME`), `cluster`, what the doors share (`doors`, with
+`mt-inspect`) plus the console scripts below.
 """
 from setuptools import find_packages, setup
 
@@ -10,7 +11,8 @@ setup(
     version="0.1.0",
     description="ManagerTower vision-language pre-training and fine-tuning with DeepSpeed, DALI and WebDataset",
     python_requires=">=3.10",
-    packages=find_packages(include=["managertower*", "pretrain*", "finetune*", "dataprep*", "cluster*", "ds_configs*"]),
+    packages=find_packages(include=["managertower*", "pretrain*", "finetune*", "dataprep*", "cluster*", "ds_configs*",
+                                    "doors*", "demo*"]),
     package_data={
         "managertower": ["model/assets/*/*"],
         "pretrain": ["configs/*.yaml"],
@@ -44,7 +46,7 @@ setup(
             "mt-pretrain=pretrain.__main__:main",
             "mt-finetune=finetune.__main__:main",
             "mt-dataprep=dataprep.__main__:main",
-            "mt-inspect=managertower.inspect:main",
+            "mt-inspect=doors.inspect:main",
         ]
     },
 )

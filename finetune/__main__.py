@@ -1,4 +1,4 @@
-"""Fine-tune ManagerTower on VQAv2, NLVR2, SNLI-VE or Flickr30K / COCO retrieval (SPEC §3).
+"""Fine-tune ManagerTower on VQAv2, NLVR2, SNLI-VE or Flickr30K / COCO retrieval (the paper, Appendix A.2).
 
 Every launch mode runs this same entry point:
 
@@ -23,8 +23,9 @@ import argparse
 import os
 import sys
 
-from managertower.cli import USER_ERRORS, add_recipe_options, resolve_config, user_error
+from doors.recipe import USER_ERRORS, add_recipe_options, resolve_config, user_error
 from managertower.config import ConfigError, load_config
+from managertower.console import silence_known_warnings
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 from managertower.config import FINETUNE_TASKS as TASK_NAMES  # noqa: E402 (the tasks, listed once in config)
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="init_from", help="pre-trained checkpoint: run folder, step-N folder or .pt")
     add_recipe_options(parser, "train.lr=1e-5")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    silence_known_warnings()
     cfg = resolve_config(lambda: build_config(args.task, args.config, args.init_from, args.overrides),
                          args.print_keys, args.print_config)
     if isinstance(cfg, int):

@@ -1,6 +1,9 @@
 """Parameters and forward multiply-adds of the tower for every manager kind (paper Table 6).
 
-    python -m managertower.inspect --size base --image-size 384 --text-len 50 --json
+    rows = [count(kind, "base", 384, 50) for kind in MANAGER_KINDS]
+    print(format_table(rows, paper_setting=True))
+
+`mt-inspect` (doors/inspect.py) is the command line for it.
 
 The model is built on the meta device (no weights, no memory) and one image-text pair goes through it under
 torch's FLOP counter. Counted as fvcore counts: one multiply-add = one FLOP, matrix products and
@@ -9,14 +12,10 @@ tower without task heads.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import MANAGER_KINDS, ConfigError, load_config
+from .config import load_config
 from .model import ManagerTower
 
 # Table 6 of the paper (base size, image 384, text 50): (params M, GFLOPs as fvcore counts).
@@ -45,34 +44,13 @@ def count(manager: str, size: str = "base", image_size: int = 384, text_len: int
             "manager_params": managers, "gmacs": counter.get_total_flops() / 2 / 1e9}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m managertower.inspect", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="base", choices=["base", "tiny"])
-    parser.add_argument("--image-size", type=int, default=384)
-    parser.add_argument("--text-len", type=int, default=50)
-    parser.add_argument("--manager", action="append", choices=MANAGER_KINDS,
-                        help="repeatable; default: every kind")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument("overrides", nargs="*", help="model.key=value overrides")
-    args = parser.parse_args(argv)
-    try:
-        rows = [count(kind, args.size, args.image_size, args.text_len, args.overrides)
-                for kind in (args.manager or MANAGER_KINDS)]
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    print(f"{'manager':<18}{'params (M)':>12}{'managers (M)':>14}{'GMACs':>10}{'paper params':>14}{'paper GFLOPs':>14}")
+def format_table(rows: list[dict], paper_setting: bool) -> str:
+    """`count` rows as a table; with `paper_setting` (base size at image 384) beside Table 6's values."""
+    lines = [f"{'manager':<18}{'params (M)':>12}{'managers (M)':>14}{'GMACs':>10}{'paper params':>14}"
+             f"{'paper GFLOPs':>14}"]
     for row in rows:
-        paper = PAPER_TABLE6.get(row["manager"]) if args.size == "base" and args.image_size == 384 else None
+        paper = PAPER_TABLE6.get(row["manager"]) if paper_setting else None
         paper_text = f"{paper[0]:>14.2f}{paper[1]:>14.2f}" if paper else f"{'-':>14}{'-':>14}"
-        print(f"{row['manager']:<18}{row['params'] / 1e6:>12.2f}{row['manager_params'] / 1e6:>14.2f}"
-              f"{row['gmacs']:>10.2f}{paper_text}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        lines.append(f"{row['manager']:<18}{row['params'] / 1e6:>12.2f}{row['manager_params'] / 1e6:>14.2f}"
+                     f"{row['gmacs']:>10.2f}{paper_text}")
+    return "\n".join(lines)

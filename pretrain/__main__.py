@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from managertower.cli import USER_ERRORS, add_recipe_options, resolve_config, user_error
+from doors.recipe import USER_ERRORS, add_recipe_options, resolve_config, user_error
 from managertower.config import ConfigError, load_config
+from managertower.console import silence_known_warnings
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    silence_known_warnings()
     if argv and argv[0] == "export":
         return export(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,

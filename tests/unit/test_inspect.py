@@ -1,11 +1,12 @@
-"""`python -m managertower.inspect` against Table 6 of the paper (base size, image 384, text 50)."""
+"""`mt-inspect` (doors/inspect.py) against Table 6 of the paper (base size, image 384, text 50)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from managertower.inspect import PAPER_TABLE6, main
+from doors.inspect import main
+from managertower.inspect import PAPER_TABLE6
 
 FUSED_MANAGERS_M = 12.06  # both modalities: the paper, Table 6, 338.64 - 326.58 (docs/recipe.md §1.2)
 

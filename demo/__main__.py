@@ -1,5 +1,8 @@
 """`make demo`: the main job end to end on the embedded synthetic data, about ten minutes on 2 CPU cores.
 
+    python -m demo --out runs/demo              # what `make demo` runs
+    python -m demo --pretrain-steps 20 --skip-finetune --out /tmp/demo-quick
+
     synthetic raw data (real formats) -> dataprep shards -> DeepSpeed pre-training on two local ranks
     -> fp32 export -> batch fine-tuning of every task -> results table
 
@@ -10,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from managertower.console import silence_known_warnings
+from managertower.io import atomic_write
+from managertower.launch import REPO, launcher_command, rank_env
 
 
 def _stage(title: str) -> float:
@@ -24,38 +28,24 @@ def _stage(title: str) -> float:
     return time.time()
 
 
-def rank_env(ranks: int) -> dict:
-    """Environment for local CPU ranks: DeepSpeed's CPU accelerator, one core's share each."""
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // ranks))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    return env
-
-
-def launch(module: str, args: list[str], ranks: int, log_file: Path | None = None) -> None:
-    """`deepspeed --num_gpus RANKS --module MODULE ARGS` (plain python for one rank)."""
-    if ranks > 1:
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                   "--master_port", str(29500 + os.getpid() % 1000), "--module", module, *args]
-    else:
-        command = [sys.executable, "-m", module, *args]
+def launch(module: str, args: list[str], ranks: int) -> None:
+    """`deepspeed --num_gpus RANKS --module MODULE ARGS` (plain python for one rank), from the repository."""
+    command = launcher_command(module, args, ranks)
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, env=rank_env(ranks), check=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m managertower.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--out", default="runs/demo", help="where every stage writes (default runs/demo)")
     parser.add_argument("--size", default="demo", help="synthetic world size (dataprep synthetic --size)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="the synthetic world's seed")
+    parser.add_argument("--ranks", type=int, default=2, help="local ranks for pre-training (default 2)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="override the tiny recipe's steps")
-    parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--skip-finetune", action="store_true", help="stop after pre-training and its export")
     args = parser.parse_args(argv)
+    silence_known_warnings()
     out = Path(args.out).resolve()
     raw, shards, pretrain_dir = out / "raw", out / "shards", out / "pretrain"
     started = time.time()
@@ -93,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         results_file = out / "finetune" / "results.json"
         if results_file.exists():
             results = json.loads(results_file.read_text())
-            (out / "results.json").write_text(json.dumps(results, indent=1))
+            atomic_write(out / "results.json", json.dumps(results, indent=1))
             md = out / "finetune" / "results.md"
             if md.exists():
-                (out / "results.md").write_text(md.read_text())
+                atomic_write(out / "results.md", md.read_text())
         timings["fine-tuning"] = time.time() - t
 
     summary = json.loads((pretrain_dir / "summary.json").read_text())

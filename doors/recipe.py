@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Callable
 
-from .config import Config, ConfigError, all_keys
+from managertower.config import Config, ConfigError, all_keys
 
 # Mistakes a user can make (bad recipe or override, missing path, Apex asked for but absent: ApexMissingError
 # is a ConfigError): one line on stderr and exit code 2, no traceback.

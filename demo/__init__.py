@@ -1,0 +1,1 @@
+"""The demo door: `python -m demo` (what `make demo` runs); see demo/__main__.py."""
