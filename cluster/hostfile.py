@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from managertower.io import atomic_write
+
 _BRACKET = re.compile(r"\[([^\[\]]*)\]")
 
 
@@ -153,14 +155,9 @@ def parse_hostfile(text: str) -> list[tuple[str, int]]:
 
 
 def write_hostfile(path: str | os.PathLike, hosts: list[str], slots: int | list[int]) -> Path:
-    """Atomic write (temp file, then rename), so a launcher never reads half a hostfile."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Every node of a job may write the same hostfile at once: each through its own temporary name.
-    tmp = path.with_name(f"{path.name}.{os.uname().nodename}.{os.getpid()}.tmp")
-    tmp.write_text(format_hostfile(hosts, slots))
-    os.replace(tmp, path)
-    return path
+    """Written whole (managertower.io.atomic_write), so a launcher never reads half a hostfile; every node of a
+    job may write the same hostfile at once."""
+    return atomic_write(path, format_hostfile(hosts, slots))
 
 
 def resolve_hosts(hosts: str | None, nodelist: str | None, environ: dict[str, str] | None = None) -> list[str]:

@@ -35,6 +35,8 @@ import uuid
 from pathlib import Path
 
 from cluster import hostfile as hostfile_lib
+from managertower.io import atomic_write
+from managertower.launch import launcher_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FORWARD_PREFIXES = (
@@ -164,20 +166,17 @@ def build(args, program: list[str], environ: dict[str, str]) -> tuple[list[str],
         command += (["-m", module] if module else []) + script_args
         return command, env, variables
 
-    command = [python, "-u", "-m", "deepspeed.launcher.runner", f"--hostfile={host_path}",
-               f"--master_addr={master_addr}", f"--master_port={master_port}"]
     if mode == "node":
-        command += ["--no_ssh", f"--node_rank={node_rank}"]
+        launcher_args = ["--no_ssh", f"--node_rank={node_rank}"]
     else:
         env_file = work_dir / "deepspeed_env"
-        env_file.write_text(format_env_file({**variables, "MT_LAUNCH_TAG": env["MT_LAUNCH_TAG"]}))
+        atomic_write(env_file, format_env_file({**variables, "MT_LAUNCH_TAG": env["MT_LAUNCH_TAG"]}))
         # An absolute DS_ENV_FILE replaces ~/.deepspeed_env and ./.deepspeed_env for this launch only.
         env["DS_ENV_FILE"] = str(env_file)
         env["PDSH_RCMD_TYPE"] = "ssh"
-        command += ["--launcher=pdsh"]
-        if args.ssh_port:
-            command += [f"--ssh_port={args.ssh_port}"]
-    command += (["--module", module] if module else []) + script_args
+        launcher_args = ["--launcher=pdsh"] + ([f"--ssh_port={args.ssh_port}"] if args.ssh_port else [])
+    command = launcher_command(module, script_args, hostfile=host_path, master_addr=master_addr,
+                               master_port=master_port, launcher_args=launcher_args, unbuffered=True, python=python)
     return command, env, variables
 
 

@@ -41,6 +41,10 @@ from pathlib import Path
 
 import yaml
 
+from managertower.console import silence_known_warnings
+from managertower.io import atomic_write
+from managertower.launch import launcher_command, local_master_port, rank_env
+
 REPO = Path(__file__).resolve().parent.parent
 SBATCH_SCRIPT = "cluster/slurm/finetune_array.sbatch"
 # The numbers each task reports in the results table (Table 3's columns), in order.
@@ -179,32 +183,10 @@ def is_complete(run_dir: Path) -> bool:
     return bool(summary) and not summary.get("preempted") and summary.get("steps") == summary.get("total_steps")
 
 
-def rank_env(ranks: int) -> dict:
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else env.get("DS_ACCELERATOR", "cuda"))
-    if env.get("DS_ACCELERATOR") == "cpu":
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // max(1, ranks)))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    return env
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
-
-
 def job_command(job: Job, port: int | None = None) -> list[str]:
-    if job.num_gpus <= 1:
-        return [sys.executable, "-m", "finetune", *job.arguments()]
-    port = port or 29500 + (os.getpid() + 17 * job.index) % 2000
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(job.num_gpus), "--master_port",
-            str(port), "--module", "finetune", *job.arguments()]
+    """`python -m finetune ARGS`, or the DeepSpeed launcher's command for a job of several ranks."""
+    return launcher_command("finetune", job.arguments(), job.num_gpus,
+                            master_port=port if port is not None else local_master_port(salt=job.index))
 
 
 def run_job(job: Job, in_process: bool) -> int:
@@ -270,12 +252,10 @@ def results_table(rows: list[dict]) -> str:
 def write_results(jobs: list[Job], out_dir: Path) -> list[dict]:
     rows = [row for job in jobs for row in job_rows(job)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(rows, indent=1)),
-                       ("results.md", "Values are percentages (VQA score, accuracy, recall@K).\n\n"
-                        + results_table(rows) + "\n")):
-        tmp = out_dir / f".{name}.{os.getpid()}.tmp"  # array tasks may write at once: whole files only
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+    # SLURM array tasks may rewrite these at once: each writes whole files, through its own temporary name.
+    atomic_write(out_dir / "results.json", json.dumps(rows, indent=1))
+    atomic_write(out_dir / "results.md", "Values are percentages (VQA score, accuracy, recall@K).\n\n"
+                 + results_table(rows) + "\n")
     return rows
 
 
@@ -299,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subprocess", action="store_true", help="launch one-rank jobs as subprocesses too")
     parser.add_argument("variables", nargs="*", help="NAME=VALUE: set a ${NAME} of the jobs file")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    silence_known_warnings()
     try:
         variables = {}
         for item in args.variables:
