@@ -4,22 +4,24 @@
     atomic_write_json("out/manifest.json", payload, sort_keys=True)
 
 A reader never sees half a file: a crash leaves the previous version (or none) and, at worst, a stale
-`.tmp-*` file that the next write replaces.
+`.tmp-*` file.
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int | None = None) -> Path:
-    """Write `data` to `path` through `path.tmp-PID` and `os.replace`; `mode` sets the permission bits
-    before the rename (e.g. 0o600 for a file holding secrets)."""
+    """Write `data` to `path` through `path.tmp-HOST-PID` and `os.replace`; `mode` sets the permission bits
+    before the rename (e.g. 0o600 for a file holding secrets). The host name keeps writers on different nodes
+    of a shared filesystem (every node's hostfile, SLURM array tasks) off each other's temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     payload = data.encode() if isinstance(data, str) else data
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is None else mode)
     try:
