@@ -3,6 +3,8 @@
     masked_cross_entropy      MLM over the picked positions only (pre-training)
     itc_loss                  image-text contrastive loss over the global batch (retrieval; optional in pre-training)
     sample_hard_negatives     ITM hard negatives drawn from ITC similarities (retrieval)
+    itm_pairs                 the retrieval ITM batch: B positives, a hard negative image per text and a hard
+                              negative text per image
 """
 from __future__ import annotations
 
@@ -58,3 +60,26 @@ def sample_hard_negatives(similarity: torch.Tensor, row_ids: torch.Tensor, colum
     weights[~valid] = 1.0  # any column; the row is dropped
     picked = torch.multinomial(weights, 1, generator=generator).squeeze(1)
     return picked, valid
+
+
+@torch.no_grad()
+def itm_pairs(t2i: torch.Tensor, i2t: torch.Tensor, ids: torch.Tensor, column_ids: torch.Tensor, start: int = 0,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The retrieval ITM batch of the released code (objectives.py, `compute_itm_itc`): this rank's B positive
+    pairs, then a hard negative image for each text, then a hard negative text for each example's image.
+
+    The candidates are the rows of a pool of examples (text i with image i) where this rank's B examples sit at
+    start..start+B: the global batch in rank order (the released gather_global_negative) or the micro-batch
+    alone (start 0). t2i (B x C): this rank's texts against the pool's images; i2t (B x C): this rank's images
+    against the pool's texts; ids (B) and column_ids (C): their picture ids. Negatives are drawn from the
+    softmax of a row with every positive zeroed (`sample_hard_negatives`); a row whose every candidate is a
+    positive gets none. Returns (text rows, image rows, labels 1 then 0) into the pool."""
+    size = ids.shape[0]
+    own = torch.arange(size, device=ids.device) + start
+    neg_image, text_ok = sample_hard_negatives(t2i, ids, column_ids, generator)
+    neg_text, image_ok = sample_hard_negatives(i2t, ids, column_ids, generator)
+    text_rows = torch.cat([own, own[text_ok], neg_text[image_ok]])
+    image_rows = torch.cat([own, neg_image[text_ok], own[image_ok]])
+    labels = torch.zeros(len(text_rows), dtype=torch.long, device=ids.device)
+    labels[:size] = 1
+    return text_rows, image_rows, labels

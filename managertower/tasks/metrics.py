@@ -5,6 +5,8 @@
     retrieval_recall(ranked_images, ranked_texts, text_to_image, ks)
                                                   IR (text -> image) and TR (image -> text) recall@K with
                                                   several captions per image
+    itm_ranking(text_top, text_top_logits, image_top, image_top_logits)
+                                                  the released re-ranking of the ITC top-k by ITM, both ways
 """
 from __future__ import annotations
 
@@ -81,7 +83,27 @@ def retrieval_recall(text_ranked_images: torch.Tensor, image_ranked_texts: torch
     return metrics
 
 
-def rerank(candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Reorder each row of `candidates` (Q x K indices) by `scores` (Q x K, higher first); stable in ties."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return torch.gather(candidates, 1, order)
+ITM_RANK_FILL = -100.0  # the score of a pair outside both directions' ITC top-k (the released code's fill)
+
+
+def itm_ranking(text_top: torch.Tensor, text_top_logits: torch.Tensor, image_top: torch.Tensor,
+                image_top_logits: torch.Tensor, fill: float = ITM_RANK_FILL) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released retrieval ranking (objectives.py, `compute_irtr_itm_itc_recall`): ITC top-k re-ranked by
+    the ITM positive logit, both directions merged.
+
+    text_top (T x Ki): each text's ITC top-k images, text_top_logits (T x Ki x 2) the ITM logits of those pairs;
+    image_top (I x Kt): each image's ITC top-k texts, image_top_logits (I x Kt x 2). A pair scores its raw
+    positive logit (logit[1], not the log-odds logit[1] - logit[0]) in the direction(s) whose top-k holds it and
+    `fill` elsewhere; the two T x I matrices are merged by their element-wise maximum, so a text's ranking
+    also holds the images whose top-k holds the text, and each row and column of the merged matrix is ranked.
+    Returns (each text's Ki best images, each image's Kt best texts), best first."""
+    texts, images = text_top.shape[0], image_top.shape[0]
+    by_text = torch.full((texts, images), fill, dtype=torch.float32, device=text_top.device)
+    by_text.scatter_(1, text_top, text_top_logits[..., 1].float())
+    by_image = torch.full((images, texts), fill, dtype=torch.float32, device=text_top.device)
+    by_image.scatter_(1, image_top, image_top_logits[..., 1].float())
+    scores = torch.maximum(by_text, by_image.t(), out=by_text)  # in place: COCO's is 25k x 5k
+    del by_image
+    text_ranked = scores.topk(text_top.shape[1], dim=1).indices
+    image_ranked = scores.t().topk(image_top.shape[1], dim=1).indices
+    return text_ranked, image_ranked

@@ -1,6 +1,8 @@
 """NLVR2 (docs/recipe.md §3): 384 px, two images per statement, two passes, CE over 2 classes, accuracy.
 
-The statement is encoded once; each image runs through the vision expert (one batched call for both) and is
+The statement is encoded once, so in training one dropout mask of the text expert serves both fusions (the
+released objectives.py `compute_nlvr2` runs its whole `infer` per image, text expert included: a choice listed
+in the README); each image runs through the vision expert (one batched call for both) and is
 projected with its own type row (1 left, 2 right: `tower.SECOND_IMAGE_TYPE`); the text is fused with each image
 separately and the two `cls_feats` are concatenated -> ClassifierHead(4D, 2D, 2) (3072 -> 1536 -> 2), lr x10.
 From a pre-trained checkpoint the unused type row 2 starts as a copy of the image row 1 (as the released

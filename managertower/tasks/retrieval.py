@@ -1,26 +1,38 @@
 """Image-text retrieval, Flickr30K and COCO (docs/recipe.md §3.3): ITC + ITM with hard negatives, ITM re-ranking.
 
-Training step (B captions with their images; several captions of one picture may share a batch):
+The released code (LooperXX/ManagerTower, src/modules/objectives.py: `compute_itm_itc` for training,
+`compute_irtr_itm_itc_recall` for inference) is the recipe followed here.
+
+Training step (B captions, each with its own image view; several captions of one picture may share a batch):
   ITC  the raw uni-modal class features (text expert last layer token 0 = encode_text(...)[:, -1, 0]; vision
        `ln_post` class token of the last block = encode_image(...)[:, -1, 0]) -> ITCHead (Linear D -> 256 per
        modality, L2-normalised; temperature learnable from 0.07, clamped to [0.001, 0.5]). Both sides are
        all-gathered across ranks WITH gradients (`gather_with_grad`); each rank's texts score against every
-       rank's images and vice versa. Targets spread uniformly over the positives (every image / caption of
-       the same picture: ALBEF's retrieval targets), so a second caption of the same image is not a negative.
-  ITM  one hard negative image per text and one hard negative text per image, drawn from this rank's ITC
-       softmax with every positive (same picture) zeroed; the B positives and 2B negatives (labels
-       [1, 0, 0]) go through the fusion and `itm_head` (Linear 2D -> 2). Negatives come from the rank's own
-       batch (their uni-modal layers are already here; gathering 6 x 577 x 768 image layers is not worth it).
-  loss = ITC + ITM. The vision expert runs once per distinct picture of the batch.
+       rank's images and vice versa. One image per caption, as the released code batches them: a picture with
+       two captions in the batch is two columns. Targets spread uniformly over the positives (every image /
+       caption of the same picture: the released `img_index` targets), so a second caption of the same image
+       is not a negative.
+  ITM  one hard negative image per text and one hard negative text per image, drawn from the ITC softmax with
+       every positive (same picture) zeroed (`itm_pairs`); the B positives and 2B negatives (labels [1, 0, 0])
+       go through the fusion and `itm_head` (Linear 2D -> 2). With task.retrieval_global_negatives (the
+       default, the released recipe's gather_global_negative=True) the negatives come from the global batch:
+       every rank's projected uni-modal layers and text masks are gathered (the layers with gradients, so a
+       negative's gradient goes back to the rank that encoded it). Off: from this rank's micro-batch only,
+       which saves gathering world x micro_batch x N layers x 577 tokens of image features per step and the
+       all-reduce of their gradients.
+  loss = ITC + ITM. When captions of one picture come with the same pixels (no per-example augmentation) the
+  vision expert runs once for them (the same numbers as once per caption: it has no dropout).
 Heads (itc_head, itm_head) and the rest of the new parts: lr x5 (Table 9). From a pre-trained checkpoint the
 ITM head starts from the pre-training ITM head when the checkpoint has one (`itm_head.*`, as the released
 code reuses its ITM classifier); the ITC head is new.
 
 Inference (evaluate): every rank encodes its part of the test images (keeping their projected layers) and a
 slice of the captions; the ITC embeddings are gathered, each text gets its top-k images and each image its
-top-k captions by ITC (k = task.retrieval_topk: 128 Flickr30K, 256 COCO); the pairs are re-ranked by the ITM
-log-odds, each pair scored on the rank that holds its image, and the scores summed across ranks. Reported:
-IR / TR recall@1/5/10 after re-ranking (`ir_r1`, ...) and from ITC alone (`itc_ir_r1`, ...).
+top-k captions by ITC (k = task.retrieval_topk: 128 Flickr30K, 256 COCO); each candidate pair's ITM logits are
+computed on the rank that holds its image and summed across ranks. The ranking is the released one
+(`metrics.itm_ranking`): a text x image score matrix, the ITM positive logit on each direction's candidates and
+-100 elsewhere, the element-wise maximum of the two directions, ranked both ways. Reported: IR / TR
+recall@1/5/10 after re-ranking (`ir_r1`, ...) and from ITC alone (`itc_ir_r1`, ...).
 """
 from __future__ import annotations
 
@@ -34,7 +46,7 @@ from ..model import ITCHead, ITMHead, init_new_weights
 from . import metrics
 from ..data.loader import Collator
 from .finetune import FinetuneTask, TextCollator
-from .losses import itc_loss, sample_hard_negatives
+from .losses import itc_loss, itm_pairs
 
 
 def image_key(image_id) -> int:
@@ -97,37 +109,43 @@ class RetrievalTask(FinetuneTask):
         return self.itm_head(self.model.fuse(text, mask, image).cls_feats).float()
 
     def forward(self, batch: dict) -> dict:
+        """ITC + ITM of one micro-batch; besides the losses, `itm_rows` = (text rows, image rows, labels, where
+        this rank's examples start) of the ITM pairs in the rows the negatives were drawn from (the global
+        batch in rank order, or this rank's micro-batch), to see where the hard negatives came from."""
         model = self.model
         ids, mask, image_ids = batch["input_ids"], batch["attention_mask"], batch["image_ids"]
-        # The vision expert once per distinct picture (a picture's captions sit next to each other in a batch).
-        unique_ids, first, inverse = _unique_first(image_ids)
+        pixels = batch["pixel_values"]
+        views, view_of_row = _distinct_views(image_ids, pixels)
         text_layers = model.encode_text(ids, mask)
-        image_layers = model.encode_image(batch["pixel_values"][first].to(self.dtype))
-        text_emb, image_emb = self.itc_head(text_layers[:, -1, 0], image_layers[:, -1, 0])
+        image_layers = model.encode_image(pixels[views].to(self.dtype))
+        text_emb, view_emb = self.itc_head(text_layers[:, -1, 0], image_layers[:, -1, 0])
+        image_emb = view_emb if view_of_row is None else view_emb[view_of_row]  # one image per caption
         temperature = self.itc_head.temperature()
-        loss_itc, t2i, i2t, all_image_ids = itc_loss(text_emb, image_emb, image_ids, unique_ids, temperature)
+        loss_itc, t2i, i2t, all_image_ids = itc_loss(text_emb, image_emb, image_ids, image_ids, temperature)
 
-        size = ids.shape[0]
-        # Hard negatives from this rank's ITC similarities (B texts x U pictures), positives zeroed.
-        local_t2i = (text_emb @ image_emb.t()).detach() / temperature.detach()
-        neg_image, text_ok = sample_hard_negatives(local_t2i, image_ids, unique_ids)  # a picture per text
-        # A caption per example's picture (rows: the example's picture against every caption of the batch).
-        neg_text, image_ok = sample_hard_negatives(local_t2i.t()[inverse], image_ids, image_ids)
         text = model.project_text(text_layers)
         image = model.project_image(image_layers)
-        rows = torch.arange(size, device=ids.device)
-        text_index = torch.cat([rows, rows[text_ok], neg_text[image_ok]])
-        image_index = torch.cat([inverse, neg_image[text_ok], inverse[image_ok]])
-        labels = torch.zeros(len(text_index), dtype=torch.long, device=ids.device)
-        labels[:size] = 1
-        logits = self.itm_logits(text[text_index], mask[text_index], image[image_index])
+        if view_of_row is not None:
+            image = image[view_of_row]
+        if self.cfg.task.retrieval_global_negatives:
+            # Every rank's examples are candidate negatives (column c of t2i / i2t is row c of the pools).
+            text_pool, mask_pool = dist.gather_with_grad(text), dist.gather_rows(mask)
+            image_pool = dist.gather_with_grad(image)
+            start = _rows_before_this_rank(ids.shape[0], ids.device)
+            pool_ids, t2i_neg, i2t_neg = all_image_ids, t2i.detach(), i2t.detach()
+        else:
+            text_pool, mask_pool, image_pool, start = text, mask, image, 0
+            t2i_neg = (text_emb @ image_emb.t()).detach() / temperature.detach()
+            pool_ids, i2t_neg = image_ids, t2i_neg.t()
+        text_rows, image_rows, labels = itm_pairs(t2i_neg, i2t_neg, image_ids, pool_ids, start)
+        logits = self.itm_logits(text_pool[text_rows], mask_pool[text_rows], image_pool[image_rows])
         loss_itm = F.cross_entropy(logits, labels)
         with torch.no_grad():
             acc_itm = (logits.argmax(-1) == labels).float().mean()
             acc_itc = (all_image_ids[t2i.argmax(1)] == image_ids).float().mean()
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm, "acc_itm": acc_itm,
-                "acc_itc": acc_itc, "temperature": temperature.detach(), "batch_size": size,
-                "tokens": int(mask.sum())}
+                "acc_itc": acc_itc, "temperature": temperature.detach(), "batch_size": ids.shape[0],
+                "tokens": int(mask.sum()), "itm_rows": (text_rows, image_rows, labels, start)}
 
     # --- inference ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -182,15 +200,15 @@ class RetrievalTask(FinetuneTask):
         lo, hi = n_texts * rank // world_size, n_texts * (rank + 1) // world_size
         text_emb, _, _ = self.encode_texts(texts[lo:hi], device, batch_size)
         all_text_emb = dist.gather_rows(text_emb)
-        # 4. ITC top-k both ways (in chunks: COCO's 25k x 5k similarity never sits in memory at once).
+        # 4. ITC top-k both ways (in chunks of queries).
         k_images = min(self.cfg.task.retrieval_topk, n_images)
         k_texts = min(self.cfg.task.retrieval_topk, n_texts)
         text_top = _topk_rows(all_text_emb, all_image_emb, k_images)  # n_texts x k_images
         image_top = _topk_rows(all_image_emb, all_text_emb, k_texts)  # n_images x k_texts
         itc_metrics = metrics.retrieval_recall(text_top.cpu(), image_top.cpu(), text_to_image, prefix="itc_")
-        # 5. ITM log-odds of the candidate pairs whose picture this rank holds; summed across ranks.
-        ir_scores = torch.zeros(n_texts, k_images, device=device)
-        tr_scores = torch.zeros(n_images, k_texts, device=device)
+        # 5. ITM logits of the candidate pairs whose picture this rank holds; summed across ranks.
+        ir_logits = torch.zeros(n_texts, k_images, 2, device=device)
+        tr_logits = torch.zeros(n_images, k_texts, 2, device=device)
         mine = (owners == rank).to(device)
         pairs: dict[tuple[int, int], list] = {}
         for t, g in zip(*torch.nonzero(mine[text_top], as_tuple=True)):
@@ -200,6 +218,7 @@ class RetrievalTask(FinetuneTask):
         ordered = sorted(pairs, key=lambda pair: (pair[1], pair[0]))
         chunk = max(128, 8 * batch_size)  # pairs per fusion call, sorted by picture: few distinct texts each
         local_layers = torch.cat(image_layers) if image_layers else None
+        pair_logits = torch.zeros(len(ordered), 2, device=device)
         for start in range(0, len(ordered), chunk):
             part = ordered[start:start + chunk]
             unique_texts = sorted({t for t, _ in part})
@@ -207,16 +226,24 @@ class RetrievalTask(FinetuneTask):
             _, layers, masks = self.encode_texts([texts[t] for t in unique_texts], device, batch_size)
             text_rows = torch.tensor([position[t] for t, _ in part], device=device)
             image_rows = torch.tensor([g - first_local for _, g in part], device=device)
-            logits = self.itm_logits(layers[text_rows], masks[text_rows], local_layers[image_rows])
-            scores = (logits[:, 1] - logits[:, 0]).float()
-            for pair, score in zip(part, scores):
-                for kind, row, slot in pairs[pair]:
-                    (ir_scores if kind == "ir" else tr_scores)[row, slot] = score
+            pair_logits[start:start + len(part)] = self.itm_logits(layers[text_rows], masks[text_rows],
+                                                                   local_layers[image_rows])
+        # Each pair's logits to its slot(s) in the text -> image and image -> text candidate lists.
+        slots: dict[str, tuple[list, list, list]] = {"ir": ([], [], []), "tr": ([], [], [])}
+        for index, pair in enumerate(ordered):
+            for kind, row, slot in pairs[pair]:
+                rows, columns, sources = slots[kind]
+                rows.append(row)
+                columns.append(slot)
+                sources.append(index)
+        for kind, target in (("ir", ir_logits), ("tr", tr_logits)):
+            rows, columns, sources = (torch.tensor(v, dtype=torch.long, device=device) for v in slots[kind])
+            target[rows, columns] = pair_logits[sources]
         if dist.is_distributed():
-            torch.distributed.all_reduce(ir_scores)
-            torch.distributed.all_reduce(tr_scores)
-        text_ranked = metrics.rerank(text_top.cpu(), ir_scores.cpu())
-        image_ranked = metrics.rerank(image_top.cpu(), tr_scores.cpu())
+            torch.distributed.all_reduce(ir_logits)
+            torch.distributed.all_reduce(tr_logits)
+        text_ranked, image_ranked = metrics.itm_ranking(text_top, ir_logits, image_top, tr_logits)
+        text_ranked, image_ranked = text_ranked.cpu(), image_ranked.cpu()
         results = metrics.retrieval_recall(text_ranked, image_ranked, text_to_image)
         results.update(itc_metrics)
         results.update({"images": float(n_images), "texts": float(n_texts), "topk": float(k_images)})
@@ -238,17 +265,32 @@ class RetrievalTask(FinetuneTask):
                                          for g in range(len(image_ids))]}, handle)
 
 
-def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(distinct ids in order of first appearance, the index of each one's first row, row -> distinct index)."""
+def _distinct_views(image_ids: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
+    """(the rows the vision expert must encode, each row's encoded row or None for all rows). Captions of one
+    picture that come with the same pixels (no per-example augmentation) share one run; with their own augmented
+    views each caption's image is encoded, as the released code does."""
     seen: dict[int, int] = {}
     first, inverse = [], []
-    for row, value in enumerate(ids.tolist()):
+    for row, value in enumerate(image_ids.tolist()):
         if value not in seen:
             seen[value] = len(first)
             first.append(row)
         inverse.append(seen[value])
-    first_t = torch.tensor(first, dtype=torch.long, device=ids.device)
-    return ids[first_t], first_t, torch.tensor(inverse, dtype=torch.long, device=ids.device)
+    if len(first) == len(inverse):
+        return slice(None), None
+    first_t = torch.tensor(first, dtype=torch.long, device=pixels.device)
+    inverse_t = torch.tensor(inverse, dtype=torch.long, device=pixels.device)
+    if not torch.equal(pixels[first_t][inverse_t], pixels):
+        return slice(None), None
+    return first_t, inverse_t
+
+
+def _rows_before_this_rank(rows: int, device: torch.device) -> int:
+    """How many rows the ranks before this one contribute to a gather in rank order (0 without a group)."""
+    if not dist.is_distributed():
+        return 0
+    counts = dist.gather_rows(torch.tensor([rows], device=device))
+    return int(counts[: torch.distributed.get_rank()].sum())
 
 
 def _topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
