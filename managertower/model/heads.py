@@ -1,8 +1,6 @@
 """Task heads: MLM, ITM, the fine-tuning classifiers and the ITC projections (docs/recipe.md §2-3)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,7 +53,11 @@ class ClassifierHead(nn.Module):
 
 class ITCHead(nn.Module):
     """Projections of the raw uni-modal class features to a shared space, L2-normalised, with a learnable
-    temperature initialised at 0.07 and clamped to [0.001, 0.5]."""
+    temperature: the parameter is the temperature itself (not its log), initialised at 0.07 and clamped in place
+    to [0.001, 0.5] after each optimizer step (`clamp_temperature`, called through the task's
+    `after_optimizer_step`), as the released code does; the loss divides by it unclamped."""
+
+    TEMPERATURE_RANGE = (0.001, 0.5)
 
     def __init__(self, text_dim: int, image_dim: int, dim: int = 256, temperature: float = 0.07):
         super().__init__()
@@ -63,10 +65,25 @@ class ITCHead(nn.Module):
         self.image_proj = nn.Linear(image_dim, dim)
         # A 1-element vector, not a 0-dim scalar: DeepSpeed broadcasts parameters as bytes, which a 0-dim
         # tensor cannot be viewed as.
-        self.log_temperature = nn.Parameter(torch.tensor([math.log(temperature)]))
+        self.learned_temperature = nn.Parameter(torch.tensor([temperature]))
 
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp().clamp(0.001, 0.5)
+        return self.learned_temperature
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        """Clamp the temperature into TEMPERATURE_RANGE in place, in the module and, under DeepSpeed ZeRO, in the
+        optimizer's fp32 master copy too (the next step would otherwise start from the unclamped value). Every
+        rank calls it: reading a ZeRO master copy is a collective."""
+        low, high = self.TEMPERATURE_RANGE
+        param = self.learned_temperature
+        param.clamp_(low, high)
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # a parameter of a DeepSpeed ZeRO optimizer
+            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+            master = safe_get_full_fp32_param(param)
+            if master is not None:
+                safe_set_full_fp32_param(param, master.clamp(low, high))
 
     def forward(self, text_cls: torch.Tensor, image_cls: torch.Tensor):
         return (F.normalize(self.text_proj(text_cls), dim=-1), F.normalize(self.image_proj(image_cls), dim=-1))

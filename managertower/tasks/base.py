@@ -9,6 +9,7 @@ heads, objective and metrics. What the engine calls:
     build_loader(split, rank, world, device)    the data ("train": endless, shuffled; "eval": one pass)
     evaluate(rank, world, device) -> {metric}   the same dict on every rank
     lr_multiplier(name) -> float                the parameter groups' lr factor
+    after_optimizer_step()                      after every optimizer step, on every rank (ITC temperature clamp)
     train_flops_per_sample() -> float | None    for the MFU estimate (None: not counted)
     manager_weights() -> {name: tensor}         the managers' aggregation weights (pictures, histograms)
     load_tower_weights(state_dict, source)      start from a pre-trained tower
@@ -29,7 +30,7 @@ from torch import nn
 from ..config import Config
 from ..data.loader import Collator, Expand, LoaderSpec, build_loader
 from ..data.shards import PRIMARY_IMAGE
-from ..model import ManagerTower
+from ..model import ITCHead, ManagerTower
 from ..model.experts import resize_pos_embed
 
 SPLITS = ("train", "eval")
@@ -48,6 +49,11 @@ class TaskData:
     transform: str = "clip"
 
 EXPERT_PREFIXES = ("model.text_expert.", "model.vision_expert.")
+# Trained at the base lr with the experts, as released: the type and layer-index embeddings and the ITC temperature
+# (the released rule gives the larger lrs only to names with "cross_modal" in them and to the task heads).
+BASE_LR_PREFIXES = EXPERT_PREFIXES + ("model.type_embedding.", "model.text_layer_embedding.",
+                                      "model.image_layer_embedding.")
+BASE_LR_SUFFIXES = (".learned_temperature",)
 
 
 class Task(nn.Module):
@@ -70,13 +76,21 @@ class Task(nn.Module):
 
     # --- optimisation -----------------------------------------------------------------------------------
     def lr_multiplier(self, name: str) -> float:
-        """Experts x1; heads named by `head_prefixes` x head_lr_mult; the rest of the tower (projections,
-        cross-modal layers, poolers, managers) x train.new_layer_lr_mult."""
-        if name.startswith(EXPERT_PREFIXES):
+        """Experts, type and layer-index embeddings and the ITC temperature x1; heads named by `head_prefixes`
+        x head_lr_mult; the rest of the tower (projections, cross-modal layers, poolers, managers)
+        x train.new_layer_lr_mult."""
+        if name.startswith(BASE_LR_PREFIXES) or name.endswith(BASE_LR_SUFFIXES):
             return 1.0
         if self.head_prefixes and name.startswith(self.head_prefixes):
             return self.head_lr_mult
         return self.cfg.train.new_layer_lr_mult
+
+    def after_optimizer_step(self) -> None:
+        """Called by the loop after every optimizer step, on every rank: clamps each ITC head's temperature into
+        its range in place (ITCHead.clamp_temperature; a collective under ZeRO)."""
+        for module in self.modules():
+            if isinstance(module, ITCHead):
+                module.clamp_temperature()
 
     def total_steps(self) -> int:
         """The run's optimizer steps: `train.steps` (fine-tuning tasks derive them from `task.epochs`)."""
