@@ -58,9 +58,3 @@ def test_recall_with_several_captions_per_image_both_directions():
 def test_recall_counts_a_miss_when_the_right_item_is_outside_the_candidates():
     out = metrics.retrieval_recall(torch.tensor([[1], [1]]), torch.tensor([[0], [0]]), [0, 1], ks=(1,))
     assert out["ir_r1"] == 0.5 and out["tr_r1"] == 0.5
-
-
-def test_rerank_orders_each_row_by_its_scores():
-    candidates = torch.tensor([[7, 3, 5], [1, 2, 0]])
-    scores = torch.tensor([[0.1, 0.9, 0.5], [2.0, 2.0, 3.0]])
-    assert metrics.rerank(candidates, scores).tolist() == [[3, 5, 7], [0, 1, 2]]
