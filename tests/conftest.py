@@ -20,7 +20,41 @@ if str(REPO) not in sys.path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cluster: needs SLURM / sshd / pdsh (installed by cluster/ci/setup_services.sh)")
-    config.addinivalue_line("markers", "slow: a multi-minute test (real multi-rank training)")
+    config.addinivalue_line("markers", "slow: a multi-minute test (real multi-rank training, the learning and "
+                                       "fine-tuning accuracy tests, SLURM / pdsh); `pytest -m 'not slow' tests` "
+                                       "is the fast tier")
+
+
+# The slow tier in files that do not mark their own tests: every test under these folders (SLURM, sshd, pdsh),
+# and single tests by module basename (basenames are unique across tests/) and name.
+CLUSTER_TESTS = REPO / "tests" / "cluster"
+SLOW_FOLDERS = (CLUSTER_TESTS,)
+SLOW_TESTS = {
+    # two ranks under the DeepSpeed launcher on the demo-sized world, killed and relaunched
+    "test_finetune_jobs.py": {"test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped"},
+}
+# pytest.ini's `timeout` (900 s, set-up included) holds for every other test; a timeout guards against a hang,
+# it is no performance bound. More for the tests that wait on long set-up: the cluster tests (DeepSpeed's CPU op
+# build, up to 900 s once per session, then SLURM jobs waited on for up to 300 s each, four waits in the requeue
+# test), the killed fine-tuning job (up to 400 s to its first checkpoint, 600 s for the relaunch) and the
+# fine-tuning accuracy test (demo_pretrained: up to 1500 s for the two-rank pre-training and 300 s for its
+# export, then five fine-tuning jobs).
+FOLDER_TIMEOUTS = {CLUSTER_TESTS: 2700}
+TEST_TIMEOUTS = {"test_finetune_jobs.py": {
+    "test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped": 1800,
+    "test_finetuning_from_a_pretrained_checkpoint_reaches_the_targets": 3600}}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.path)).resolve()
+        name = getattr(item, "originalname", item.name)
+        if any(folder in path.parents for folder in SLOW_FOLDERS) or name in SLOW_TESTS.get(path.name, ()):
+            item.add_marker(pytest.mark.slow)
+        seconds = TEST_TIMEOUTS.get(path.name, {}).get(name) or \
+            next((t for folder, t in FOLDER_TIMEOUTS.items() if folder in path.parents), None)
+        if seconds and item.get_closest_marker("timeout") is None:  # a test's own timeout mark wins
+            item.add_marker(pytest.mark.timeout(seconds))
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +100,7 @@ def demo_pretrained(demo_shards, tmp_path_factory) -> Path:
 
 
 def rank_env(ranks: int = 2) -> dict:
-    from managertower.demo import rank_env as _rank_env
+    from managertower.launch import rank_env as _rank_env
 
     return _rank_env(ranks)
 

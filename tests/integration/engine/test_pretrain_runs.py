@@ -15,6 +15,10 @@ import pytest
 
 from conftest import REPO, rank_env, wait_for
 
+# Real DeepSpeed runs (two ranks for most): minutes in all. Each run has its own subprocess timeout (600 s);
+# a test that kills, relaunches or pays for the reference run needs more than pytest.ini's default.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
 STEPS, EVERY = 8, 3
 COMMON = ["train.global_batch=16", "train.micro_batch=8", f"train.steps={STEPS}", f"checkpoint.every={EVERY}",
           "train.log_every=1", "train.eval_every=0", "train.eval_batches=2", "checkpoint.keep=5",
