@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality of re-encoded images")
         sub.add_argument("--part", default="0/1", help="I/N: write only this part's shards (N machines, one OUT)")
         sub.add_argument("--resume", action="store_true", help="keep verified finished shards, redo the rest")
+        sub.add_argument("--overwrite", action="store_true",
+                         help="delete what OUT holds of another source or another plan first (without it, such "
+                              "a folder is refused)")
         sub.add_argument("--seed", type=int, default=0, help="the shuffle across shards")
         sub.add_argument("--exclude-ids", help="a file of image ids (one per line, or a JSON list) to leave out")
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         prepare(args.source, args.root, args.out, args.split, workers=args.workers,
                 samples_per_shard=args.samples_per_shard, max_image_side=args.max_image_side, part=args.part,
-                resume=args.resume, seed=args.seed, quality=args.quality, progress=not args.quiet,
+                resume=args.resume, overwrite=args.overwrite, seed=args.seed, quality=args.quality,
+                progress=not args.quiet,
                 command=" ".join(["python -m dataprep", *argv]), **reader_settings(args))
         return 0
     except DataprepError as error:

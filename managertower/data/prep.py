@@ -468,6 +468,7 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
         "shards": records,
         "kept_from_previous_run": sorted(kept),
         "overwritten": [conflict.what for conflict in conflicts],
+        "bad_lines": reader.bad_lines,  # the first few annotation lines --skip-bad-lines skipped
         "extras": sorted(extras),
         "elapsed_s": round(time.time() - started, 3),
     }
@@ -484,6 +485,9 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
         for conflict in conflicts:
             print(f"--overwrite: deleted {conflict.what}")
         print(format_summary([manifest], title=f"dataprep {source} {split} part {part_index}/{part_count}"))
+        if scan.skipped.get("bad_line"):
+            print(f"  --skip-bad-lines: skipped {scan.skipped['bad_line']} malformed annotation line(s); the first: "
+                  f"{reader.bad_lines[0]}")
         if part_count > 1 and not merged["complete"]:
             print(f"  {len(merged['missing_parts'])} part(s) of this folder still to run; manifest.json "
                   "is merged again when each part finishes")

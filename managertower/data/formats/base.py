@@ -12,7 +12,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 from managertower.data.images import ImageSource
 
@@ -31,7 +31,15 @@ class AnnotationError(DataprepError):
         if key is not None:
             where += f", key {key!r}"
         super().__init__(f"{where}: {message}")
-        self.path, self.line, self.key = str(path), line, key
+        self.path, self.message, self.line, self.key = str(path), message, line, key
+
+
+# What a reader does with one malformed line of a line-oriented file: raise it (the default) or count it.
+BadLine = Callable[[AnnotationError], None]
+
+
+def _raise(error: AnnotationError) -> None:
+    raise error
 
 
 @dataclass
@@ -77,35 +85,82 @@ def dedupe_captions(captions: Iterable[str]) -> list[str]:
     return kept
 
 
-def load_json(path: str) -> Any:
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+
+
+def not_utf8(path: str, text: str, line: int) -> AnnotationError | None:
+    """The error naming the first byte of `text` (read with read_text / iter_text_lines) that is not UTF-8."""
+    bad = _UNDECODABLE.search(text)
+    if bad is None:
+        return None
+    byte = ord(bad.group()) - 0xDC00
+    return AnnotationError(path, f"not UTF-8 text (byte 0x{byte:02x} at column {bad.start() + 1}); save the file "
+                           "as UTF-8", line=line)
+
+
+def _open_text(path: str):
+    """The file as text whose undecodable bytes survive as lone surrogates, so each is found on its line
+    (a plain UTF-8 read fails with a traceback somewhere in the middle, naming neither)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return open(path, encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         raise AnnotationError(path, "file not found") from None
-    except json.JSONDecodeError as error:
-        raise AnnotationError(path, f"not valid JSON ({error.msg}, column {error.colno})", line=error.lineno) from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
         raise AnnotationError(path, f"cannot be read ({error})") from None
 
 
-def iter_json_lines(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-empty line of a JSON-lines file; a bad line names its number."""
+def read_text(path: str) -> str:
+    """A whole text file; bytes that are not UTF-8 come back as lone surrogates for not_utf8 to name."""
+    with _open_text(path) as handle:
+        try:
+            return handle.read()
+        except OSError as error:
+            raise AnnotationError(path, f"cannot be read ({error})") from None
+
+
+def _require_utf8(path: str, text: str) -> None:
+    bad = _UNDECODABLE.search(text)
+    if bad is not None:
+        line_start = text.rfind("\n", 0, bad.start()) + 1
+        raise not_utf8(path, text[line_start:bad.end()], text.count("\n", 0, bad.start()) + 1)
+
+
+def load_json(path: str) -> Any:
+    text = read_text(path)
+    _require_utf8(path, text)
     try:
-        handle = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise AnnotationError(path, "file not found") from None
-    with handle:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise AnnotationError(path, f"not valid JSON ({error.msg}, column {error.colno})", line=error.lineno) from None
+
+
+def iter_text_lines(path: str, on_bad_line: BadLine = _raise) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a UTF-8 text file (newline kept); a line that is not UTF-8 is an
+    AnnotationError naming the file, line and column, handed to `on_bad_line` (which raises, or counts it)."""
+    with _open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
+            error = not_utf8(path, line, number)
+            if error is not None:
+                on_bad_line(error)
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise AnnotationError(path, f"malformed JSON line ({error.msg})", line=number) from None
-            if not isinstance(record, dict):
-                raise AnnotationError(path, f"expected a JSON object, got {type(record).__name__}", line=number)
-            yield number, record
+            yield number, line
+
+
+def iter_json_lines(path: str, on_bad_line: BadLine = _raise) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a JSON-lines file; a bad line (not UTF-8, not JSON,
+    not an object) is an AnnotationError naming its number, handed to `on_bad_line`."""
+    for number, line in iter_text_lines(path, on_bad_line):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            on_bad_line(AnnotationError(path, f"malformed JSON line ({error.msg})", line=number))
+            continue
+        if not isinstance(record, dict):
+            on_bad_line(AnnotationError(path, f"expected a JSON object, got {type(record).__name__}", line=number))
+            continue
+        yield number, record
 
 
 def require(record: Any, key: str, path: str, line: int | None = None, context: str = "") -> Any:
@@ -150,10 +205,11 @@ def index_image_files(folders: Iterable[str], recursive: bool = False) -> dict[s
 def read_id_list(path: str) -> set[str]:
     """Ids to exclude: a JSON list or one id per line ('#' comments allowed); compared as strings."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
             text = handle.read()
     except OSError as error:
         raise DataprepError(f"{path}: cannot read the id list ({error})") from None
+    _require_utf8(path, text)
     if text.lstrip().startswith("["):
         try:
             return {str(value) for value in json.loads(text)}
@@ -182,6 +238,13 @@ class ReaderOption:
         return "--" + self.name.replace("_", "-")
 
 
+# The switch line-oriented readers (CC3M TSV, SBU text, NLVR2 / SNLI-VE JSON lines) add to reader_options.
+SKIP_BAD_LINES = ReaderOption("skip_bad_lines", "skip malformed annotation lines (not UTF-8, not JSON, fields "
+                              "missing), counting them in the manifest and the summary, instead of stopping",
+                              kind="switch")
+MAX_BAD_LINES_SHOWN = 10
+
+
 class RawDataset:
     """Base of every reader. Subclasses set the class fields and implement `items()`.
 
@@ -204,6 +267,7 @@ class RawDataset:
         self.exclude_ids = read_id_list(exclude_ids) if exclude_ids else set()
         self.options = options
         self.skipped: Counter = Counter()
+        self.bad_lines: list[str] = []  # the first few lines --skip-bad-lines skipped, for the summary
 
     # -- for subclasses ------------------------------------------------------------------------------
     def items(self) -> Iterator[Item]:
@@ -217,6 +281,20 @@ class RawDataset:
         return {}
 
     # -- shared --------------------------------------------------------------------------------------
+    def bad_line(self, error: AnnotationError) -> None:
+        """One malformed line of a line-oriented annotation file: the run stops on it, naming file and line,
+        unless the reader offers --skip-bad-lines and it was given: then it is counted (skipped: bad_line)
+        and the first few are named in the summary."""
+        offered = any(option.name == SKIP_BAD_LINES.name for option in self.reader_options)
+        if not offered or not self.option(SKIP_BAD_LINES.name):
+            if offered:
+                raise AnnotationError(error.path, f"{error.message} (--skip-bad-lines skips and counts such lines)",
+                                      line=error.line, key=error.key) from None
+            raise error
+        self.skipped["bad_line"] += 1
+        if len(self.bad_lines) < MAX_BAD_LINES_SHOWN:
+            self.bad_lines.append(str(error))
+
     def option(self, name: str, default: Any = None) -> Any:
         value = self.options.get(name)
         return default if value is None else value

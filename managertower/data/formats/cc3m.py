@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from managertower.data.formats.base import AnnotationError, Item, RawDataset, ReaderOption, dedupe_captions, sample_key
+from managertower.data.formats.base import (SKIP_BAD_LINES, AnnotationError, Item, RawDataset, ReaderOption,
+                                            dedupe_captions, iter_text_lines, sample_key)
 from managertower.data.images import ImageSource
 
 TSV_NAMES = {"train": "Train_GCC-training.tsv", "val": "Validation_GCC-1.1.0-Validation.tsv"}
@@ -25,6 +26,7 @@ ROOT/images/<row index>.<ext>             the downloaded images (rows without a 
     reader_options = (
         ReaderOption("tsv", "the split's TSV file (default: see the layout)"),
         ReaderOption("images", "the folder of <row index>.<ext> images (default ROOT/images)"),
+        SKIP_BAD_LINES,
     )
 
     def items(self) -> Iterator[Item]:
@@ -37,14 +39,15 @@ ROOT/images/<row index>.<ext>             the downloaded images (rows without a 
                     stem = entry.name.split(".")[0]
                     if stem.isdigit() and not entry.name.endswith((".json", ".txt")):
                         by_row.setdefault(int(stem), entry.path)
-        with open(tsv, encoding="utf-8") as handle:
-            for row, line in enumerate(handle):
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                fields = line.split("\t")
-                if len(fields) < 2 or not fields[0].strip():
-                    raise AnnotationError(tsv, "expected 'caption<TAB>url'", line=row + 1)
-                path = by_row.get(row, os.path.join(folder, f"{row}.jpg"))
-                yield Item(key=sample_key(self.name, f"{row:09d}"), image=ImageSource(path),
-                           meta={"image_id": row, "captions": dedupe_captions([fields[0]]), "url": fields[1]})
+        for number, line in iter_text_lines(tsv, self.bad_line):
+            row = number - 1  # the row index is the id, also of the lines around a skipped one
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2 or not fields[0].strip():
+                self.bad_line(AnnotationError(tsv, "expected 'caption<TAB>url'", line=number))
+                continue
+            path = by_row.get(row, os.path.join(folder, f"{row}.jpg"))
+            yield Item(key=sample_key(self.name, f"{row:09d}"), image=ImageSource(path),
+                       meta={"image_id": row, "captions": dedupe_captions([fields[0]]), "url": fields[1]})

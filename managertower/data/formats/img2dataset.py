@@ -33,7 +33,8 @@ ROOT/00000.tar, ROOT/00001.tar, ...   img2dataset --output_format webdataset (su
     )
 
     def items(self) -> Iterator[Item]:
-        tars = sorted(glob.glob(os.path.join(self.root, "**", "*.tar"), recursive=True))
+        # The root is a folder, not a pattern: a `[` in its name must match itself.
+        tars = sorted(glob.glob(os.path.join(glob.escape(self.root), "**", "*.tar"), recursive=True))
         if not tars:
             raise DataprepError(f"{self.root}: no img2dataset .tar files found; {self.layout_hint()}")
         source = self.option("source_name", self.name)

@@ -26,7 +26,7 @@ class KarpathyCaptions(RawDataset):
     default_split = "train"
     annotation_file: ClassVar[str]
 
-    def image_path(self, record: dict, images_root: str) -> str:
+    def image_path(self, record: dict, images_root: str, path: str, position: int) -> str:
         raise NotImplementedError
 
     def image_id(self, record: dict, path: str, line: int) -> int | str:
@@ -34,6 +34,16 @@ class KarpathyCaptions(RawDataset):
 
     def default_images_root(self) -> str:
         return self.root
+
+    @staticmethod
+    def text_field(record: dict, name: str, path: str, position: int, default: str | None = None) -> str:
+        """A path part of images[position]: present (unless it has a default) and a string."""
+        value = record.get(name, default) if default is not None else require(
+            record, name, path, context=f" of images[{position}]")
+        if not isinstance(value, str):
+            raise AnnotationError(path, f"expected a file name, got {type(value).__name__}",
+                                  key=f"images[{position}].{name}")
+        return value
 
     def items(self) -> Iterator[Item]:
         path = self.find_file("annotations", [self.annotation_file, f"annotations/{self.annotation_file}"],
@@ -52,7 +62,7 @@ class KarpathyCaptions(RawDataset):
                                        for sentence in sentences)
             image_id = self.image_id(record, path, position)
             yield Item(key=sample_key(self.name, image_id),
-                       image=ImageSource(self.image_path(record, images_root)),
+                       image=ImageSource(self.image_path(record, images_root, path, position)),
                        meta={"image_id": image_id, "captions": captions, "karpathy_split": karpathy_split})
 
 
@@ -67,8 +77,9 @@ ROOT/val2014/COCO_val2014_*.jpg
 --split train = Karpathy train + restval (113K, pre-training); val / test = the 5K retrieval splits.
 """
 
-    def image_path(self, record: dict, images_root: str) -> str:
-        return os.path.join(images_root, record.get("filepath", ""), record["filename"])
+    def image_path(self, record: dict, images_root: str, path: str, position: int) -> str:
+        return os.path.join(images_root, self.text_field(record, "filepath", path, position, default=""),
+                            self.text_field(record, "filename", path, position))
 
     def image_id(self, record: dict, path: str, position: int) -> int:
         if "cocoid" not in record:
@@ -92,10 +103,10 @@ ROOT/flickr30k-images/*.jpg       the Flickr30K images (the 'flickr30k-images' f
                 return os.path.join(self.root, name)
         return os.path.join(self.root, "flickr30k-images")
 
-    def image_path(self, record: dict, images_root: str) -> str:
-        return os.path.join(images_root, record["filename"])
+    def image_path(self, record: dict, images_root: str, path: str, position: int) -> str:
+        return os.path.join(images_root, self.text_field(record, "filename", path, position))
 
     def image_id(self, record: dict, path: str, position: int) -> int | str:
-        filename = require(record, "filename", path, context=f" of images[{position}]")
+        filename = self.text_field(record, "filename", path, position)
         stem = os.path.splitext(os.path.basename(filename))[0]
         return int(stem) if stem.isdigit() else stem

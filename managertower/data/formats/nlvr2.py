@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from managertower.data.formats.base import (AnnotationError, Item, RawDataset, ReaderOption, index_image_files,
-                                            iter_json_lines, require, sample_key)
+from managertower.data.formats.base import (SKIP_BAD_LINES, AnnotationError, Item, RawDataset, ReaderOption,
+                                            index_image_files, iter_json_lines, require, sample_key)
 from managertower.data.images import ImageSource
 
 LABELS = {"true": 1, "false": 0}
@@ -33,6 +33,7 @@ ROOT/images/{split}/.../{split-set-pair}-img0.png and -img1.png   (or ROOT/{spli
     reader_options = (
         ReaderOption("annotations", "the split's JSON-lines file (default ROOT/{split}.json)"),
         ReaderOption("images", "the split's image folder (default ROOT/images/{split})"),
+        SKIP_BAD_LINES,
     )
 
     def items(self) -> Iterator[Item]:
@@ -41,21 +42,30 @@ ROOT/images/{split}/.../{split-set-pair}-img0.png and -img1.png   (or ROOT/{spli
         folder = self.find_folder("images", [f"images/{self.split}", self.split], f"NLVR2 {self.split} image folder")
         files = index_image_files([folder], recursive=True)
         pairs: dict[str, list[dict]] = {}
-        for line, record in iter_json_lines(path):
-            identifier = str(require(record, "identifier", path, line=line))
-            if identifier.count("-") < 3:
-                raise AnnotationError(path, f"identifier {identifier!r} is not 'split-set-pair-sentence'",
-                                      line=line, key="identifier")
-            statement = {"identifier": identifier, "sentence": require(record, "sentence", path, line=line)}
-            if record.get("label") is not None:
-                label = LABELS.get(str(record["label"]).lower())
-                if label is None:
-                    raise AnnotationError(path, f"label {record['label']!r} is neither True nor False", line=line,
-                                          key="label")
-                statement["label"] = label
+        for line, record in iter_json_lines(path, self.bad_line):
+            try:
+                identifier, statement = self._statement(record, path, line)
+            except AnnotationError as error:
+                self.bad_line(error)
+                continue
             pairs.setdefault(pair_id(identifier), []).append(statement)
         for pair, statements in pairs.items():
             left, right = (files.get(f"{pair}-img{side}.png", os.path.join(folder, f"{pair}-img{side}.png"))
                            for side in (0, 1))
             yield Item(key=sample_key(self.name, pair), image=ImageSource(left), second_image=ImageSource(right),
                        meta={"image_id": pair, "captions": [], "statements": statements})
+
+    @staticmethod
+    def _statement(record: dict, path: str, line: int) -> tuple[str, dict]:
+        identifier = str(require(record, "identifier", path, line=line))
+        if identifier.count("-") < 3:
+            raise AnnotationError(path, f"identifier {identifier!r} is not 'split-set-pair-sentence'",
+                                  line=line, key="identifier")
+        statement = {"identifier": identifier, "sentence": require(record, "sentence", path, line=line)}
+        if record.get("label") is not None:
+            label = LABELS.get(str(record["label"]).lower())
+            if label is None:
+                raise AnnotationError(path, f"label {record['label']!r} is neither True nor False", line=line,
+                                      key="label")
+            statement["label"] = label
+        return identifier, statement

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from managertower.data.formats.base import (AnnotationError, Item, RawDataset, ReaderOption, dedupe_captions,
-                                            index_image_files, load_json, require, sample_key)
+from managertower.data.formats.base import (SKIP_BAD_LINES, AnnotationError, Item, RawDataset, ReaderOption,
+                                            dedupe_captions, index_image_files, load_json, not_utf8, read_text,
+                                            require, sample_key)
 from managertower.data.images import ImageSource
 
 URLS_TXT = "SBU_captioned_photo_dataset_urls.txt"
@@ -26,6 +27,7 @@ ROOT/images/<URL file name>   e.g. images/4385058960_b0f291553e.jpg (sub-folders
     reader_options = (
         ReaderOption("annotations", "sbu-captions-all.json (default ROOT/sbu-captions-all.json)"),
         ReaderOption("images", "the images folder (default ROOT/images)"),
+        SKIP_BAD_LINES,
     )
 
     def _pairs(self) -> list[tuple[str, str]]:
@@ -43,12 +45,21 @@ ROOT/images/<URL file name>   e.g. images/4385058960_b0f291553e.jpg (sub-folders
         for path in (urls_path, captions_path):
             if not os.path.exists(path):
                 raise AnnotationError(path, "file not found")
-        with open(urls_path, encoding="utf-8") as u, open(captions_path, encoding="utf-8", errors="replace") as c:
-            urls, captions = u.read().splitlines(), c.read().splitlines()
+        # A URL line that is not UTF-8 stays in the list (as None) so the two files stay aligned.
+        urls = [url if self._utf8_line(urls_path, url, number) else None
+                for number, url in enumerate(read_text(urls_path).splitlines(), start=1)]
+        with open(captions_path, encoding="utf-8", errors="replace") as c:
+            captions = c.read().splitlines()
         if len(urls) != len(captions):
             raise AnnotationError(captions_path, f"has {len(captions)} lines but {URLS_TXT} has {len(urls)}; "
                                   "the two files must be line-aligned", line=min(len(urls), len(captions)) + 1)
-        return list(zip(urls, captions))
+        return [(url, caption) for url, caption in zip(urls, captions) if url is not None]
+
+    def _utf8_line(self, path: str, text: str, number: int) -> bool:
+        error = not_utf8(path, text, number)
+        if error is not None:
+            self.bad_line(error)
+        return error is None
 
     def items(self) -> Iterator[Item]:
         pairs = self._pairs()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter, defaultdict
-from typing import Iterator
+from typing import Any, Iterator
 
 from managertower.data.formats.base import (AnnotationError, Item, RawDataset, ReaderOption, load_json, require,
                                             require_list, sample_key)
@@ -55,6 +55,14 @@ def normalize_answer(answer: str) -> str:
         if word not in _ARTICLES:
             words.append(_CONTRACTIONS.get(word, word))
     return " ".join(words)
+
+
+def whole_number(value: Any, path: str, key: str, what: str) -> int | str:
+    """An id as the file gives it (a number, or digits in a string), or an AnnotationError naming the key:
+    COCO file names are built from it and answers are looked up by it."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        raise AnnotationError(path, f"{value!r} is not a whole number ({what})", key=key)
+    return value
 
 
 def answer_score(count: int) -> float:
@@ -111,8 +119,10 @@ train+val annotations found, most frequent first.
         by_image: dict[int, list[dict]] = defaultdict(list)
         for position, question in enumerate(questions):
             context = f" of questions[{position}]"
-            image_id = require(question, "image_id", questions_path, context=context)
-            question_id = require(question, "question_id", questions_path, context=context)
+            image_id = whole_number(require(question, "image_id", questions_path, context=context), questions_path,
+                                    f"questions[{position}].image_id", "a COCO image id")
+            question_id = whole_number(require(question, "question_id", questions_path, context=context),
+                                       questions_path, f"questions[{position}].question_id", "a question id")
             entry = {"question_id": question_id, "question": require(question, "question", questions_path, context=context)}
             if annotation_stem is not None:
                 if question_id not in answers_by_question:
@@ -128,7 +138,8 @@ train+val annotations found, most frequent first.
     def _annotations(self, path: str) -> list[dict]:
         annotations = require_list(require(load_json(path), "annotations", path), path, "annotations")
         for position, annotation in enumerate(annotations):
-            require(annotation, "question_id", path, context=f" of annotations[{position}]")
+            whole_number(require(annotation, "question_id", path, context=f" of annotations[{position}]"), path,
+                         f"annotations[{position}].question_id", "a question id")
         return annotations
 
     def answer_vocabulary(self) -> list[str]:

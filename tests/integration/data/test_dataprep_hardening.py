@@ -4,12 +4,14 @@ driver killed by SIGKILL."""
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -100,8 +102,11 @@ def test_another_sources_shards_are_refused_then_replaced_only_with_overwrite(tm
         quiet("flickr30k", flickr_val, out, split="val")  # another split of another source: still refused
     assert folder_state(out) == before
 
-    manifest = quiet("flickr30k", flickr, out, overwrite=True)
-    assert manifest["overwritten"] and "coco" in manifest["overwritten"][0]
+    assert main(["flickr30k", "--root", flickr, "--out", str(out), "--samples-per-shard", "2", "--quiet",
+                 "--overwrite"]) == 0
+    assert "--overwrite: deleted coco shards" in capsys.readouterr().out
+    manifest = json.loads((out / ".dataprep" / "runs" / "train.part-0000-of-0001.json").read_text())
+    assert manifest["source"] == "flickr30k" and "coco" in manifest["overwritten"][0]
     merged = json.loads((out / "manifest.json").read_text())
     assert merged["source"] == "flickr30k" and merged["complete"] and merged["samples"] == 5
     assert sorted(keys_in(out)) == sorted(f"flickr30k_{1000 + i}" for i in range(5))
@@ -258,6 +263,21 @@ def test_a_folder_named_like_a_glob_pattern(tmp_path, capsys):
     assert quiet("coco", coco, out, part="0/2", resume=True)["kept_from_previous_run"] == [0, 2]
     assert manifest["planned_items"] == 4
     assert main(["stats", str(out)]) == 0 and "7" in capsys.readouterr().out
+
+
+def test_a_raw_folder_named_like_a_glob_pattern(tmp_path):
+    root = tmp_path / "cc3m[1]"  # img2dataset's tars are found under it, not under `cc3m1`
+    root.mkdir()
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for key in ("000000000", "000000001"):
+            image = io.BytesIO()
+            Image.new("RGB", (20, 20), COLOURS[0]).save(image, "JPEG")
+            for ext, payload in (("jpg", image.getvalue()), ("txt", f"caption {key}".encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    manifest = quiet("img2dataset", root, tmp_path / "out[2]", source_name="cc3m")
+    assert manifest["samples"] == 2 and verify(tmp_path / "out[2]").ok
 
 
 # -- 5. workers end with their driver -------------------------------------------------------------------
