@@ -575,6 +575,11 @@ def _out_conflicts(out: str, source: str, split: str, fingerprint: str, settings
     if unknown:
         conflicts.append(_Conflict(f"{len(unknown)} {split} shard(s) no dataprep record knows ({unknown[0]}, ...)",
                                    [file for name in unknown for file in _shard_files(out, name)]))
+    if not _run_manifest_files(out):  # a manifest.json / sizes.json this run would replace, from elsewhere
+        foreign = [name for name in (MANIFEST, SIZES) if os.path.exists(os.path.join(out, name))]
+        if foreign:
+            conflicts.append(_Conflict(f"{' and '.join(foreign)} that no dataprep run manifest explains",
+                                       [os.path.join(out, name) for name in foreign]))
     return conflicts
 
 

@@ -150,6 +150,14 @@ def test_unknown_shards_and_an_unfinished_run_of_another_plan_are_refused(tmp_pa
         quiet("coco", coco, out)
     assert sorted(os.listdir(out)) == ["train-000000.tar"]
 
+    foreign = tmp_path / "foreign"  # another tool's manifest.json and sizes.json
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"made by": "another tool"}')
+    (foreign / "sizes.json").write_text("{}")
+    with pytest.raises(OutputConflictError, match="manifest.json and sizes.json that no dataprep run manifest"):
+        quiet("coco", coco, foreign)
+    assert (foreign / "manifest.json").read_text() == '{"made by": "another tool"}'
+
     # A run of another plan killed before its manifest: only its shards and completion records remain.
     killed = tmp_path / "killed"
     shutil.copytree(elsewhere, killed)
