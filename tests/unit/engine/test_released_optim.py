@@ -151,7 +151,8 @@ def test_released_no_decay_switch_all_norms_keeps_every_norm_and_temperature_und
     task = build_task(cfg)
     groups = param_groups(task, cfg.train, task.lr_multiplier)
     decay = {name: group["weight_decay"] for group in groups for name in group["names"]}
-    for name in ("model.vision_expert.visual.ln_post.weight", "model.vision_expert.visual.transformer.resblocks.0.ln_1.weight",
+    for name in ("model.vision_expert.visual.ln_post.weight",
+                 "model.vision_expert.visual.transformer.resblocks.0.ln_1.weight",
                  "model.image_managers.1.expert_norm_weight", "model.image_managers.1.prev_norm.weight",
                  "model.image_managers.1.temperature", "itc_head.learned_temperature", "model.text_proj.bias"):
         assert decay[name] == 0.0, name
