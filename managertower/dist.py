@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch
 
+from .config import ConfigError
+
 _FALLBACKS = {
     "RANK": ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"),
     "WORLD_SIZE": ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
@@ -79,9 +81,43 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def device() -> torch.device:
+def gpus_requested() -> bool:
+    """Whether the launch asked for GPUs: a CUDA_VISIBLE_DEVICES naming devices (the deepspeed launcher's
+    --num_gpus, SLURM's --gpus*) outside DeepSpeed's CPU accelerator."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return os.environ.get("DS_ACCELERATOR", "") != "cpu" and visible not in ("", "-1", "none", "NoDevFiles")
+
+
+def device(requested: str = "auto") -> torch.device:
+    """This rank's device. On GPUs: cuda:LOCAL_RANK, or cuda:0 where each rank sees one device (`srun
+    --gpus-per-task=1`). `requested` "cuda" (or a launch that asked for GPUs, `gpus_requested`) with no usable GPU
+    is an error naming torch's CUDA build, instead of a silent fall back to a CPU, fp32 and gloo run."""
+    if requested not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"device={requested!r} is not one of auto, cuda, cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank())
+        count, local = torch.cuda.device_count(), local_rank()
+        if count == 1:
+            return torch.device("cuda", 0)
+        if local < count:
+            return torch.device("cuda", local)
+        raise ConfigError(f"LOCAL_RANK={local} but this process sees {count} GPUs "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank "
+                          "per visible GPU, or give each rank one GPU")
+    if requested == "cuda" or gpus_requested():
+        why = ("train.device=cuda" if requested == "cuda" else
+               f"the launch asked for GPUs (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+        raise ConfigError(f"{why} but torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}) sees no "
+                          "usable GPU: install the torch build for this node's driver (e.g. a cu12 wheel for a CUDA 12 "
+                          "driver), or run on the CPU with train.device=cpu / DS_ACCELERATOR=cpu")
+    return torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live: this rank's GPU under NCCL, the CPU under gloo."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return device()
     return torch.device("cpu")
 
 
@@ -135,7 +171,7 @@ def init(timeout_s: int = 600) -> None:
     import deepspeed
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(device())
     elif local_rank() == 0:
         removed = remove_stale_shm_buffers()
         if removed:
@@ -154,15 +190,17 @@ def barrier() -> None:
 def all_reduce_max(value: float) -> float:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
-    tensor = torch.tensor([float(value)], device=device() if torch.cuda.is_available() else "cpu")
+    tensor = torch.tensor([float(value)], device=collective_device())
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return float(tensor.item())
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of `values` (a new tensor on values' device; the collective runs on the backend's)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        values = values.clone()
-        torch.distributed.all_reduce(values)
+        summed = values.to(collective_device(), copy=True)
+        torch.distributed.all_reduce(summed)
+        return summed.to(values.device)
     return values
 
 
@@ -185,6 +223,8 @@ def gather_objects(items: list) -> list:
 
 
 def _padded_gather(tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    """Every rank's rows (padded to the longest for the collective), on tensor's device."""
+    home, tensor = tensor.device, tensor.to(collective_device())
     world = torch.distributed.get_world_size()
     size = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
@@ -195,7 +235,7 @@ def _padded_gather(tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world)]
     torch.distributed.all_gather(parts, padded.contiguous())
-    return [part[:n] for part, n in zip(parts, sizes)], sizes
+    return [part[:n].to(home) for part, n in zip(parts, sizes)], sizes
 
 
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -218,8 +258,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        torch.distributed.all_reduce(grad)
+        grad = all_reduce_sum(grad.contiguous())
         start = sum(ctx.sizes[: ctx.rank])
         return grad[start:start + ctx.sizes[ctx.rank]]
 

@@ -137,15 +137,16 @@ class DaliDecoder:
     those of a full decode followed by the same ROI resize.
     """
 
-    def __init__(self, max_batch: int, image_size: int, *, whole: bool, num_threads: int, gpu: bool):
-        self.max_batch, self.size, self.whole, self.num_threads, self.gpu = (
-            max_batch, image_size, whole, num_threads, gpu)
+    def __init__(self, max_batch: int, image_size: int, *, whole: bool, num_threads: int, device: torch.device):
+        # The GPU is named by index, not by torch.cuda.current_device(): that is per thread, and the pipeline is
+        # rebuilt in the loader's producer thread (after a corrupt image), where it would say GPU 0.
+        self.max_batch, self.size, self.whole, self.num_threads = max_batch, image_size, whole, num_threads
+        self.gpu, self.device_id = device.type == "cuda", device.index if device.type == "cuda" else None
         self.pipe = self._build()
 
     def _build(self):
         fn, types, Pipeline = _dali()
-        device_id = torch.cuda.current_device() if self.gpu else None
-        pipe = Pipeline(batch_size=self.max_batch, num_threads=self.num_threads, device_id=device_id,
+        pipe = Pipeline(batch_size=self.max_batch, num_threads=self.num_threads, device_id=self.device_id,
                         prefetch_queue_depth=1, exec_dynamic=True, seed=0)
         if self.whole:
             with pipe:

@@ -582,13 +582,16 @@ dali.on_first_import(lambda: atexit.register(_close_live_loaders))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """An indexed device ("auto": the current CUDA device, read here in the caller's thread, else the CPU)."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device={device} is not supported by the loader: use cpu, cuda or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but torch sees no CUDA device: use device=cpu (or auto)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -610,7 +613,7 @@ def build_loader(spec: LoaderSpec) -> Loader:
                    for d, plan in enumerate(plans)]
         # decode where the batches go: device="mixed" on CUDA
         decoder = dali.DaliDecoder(spec.batch_size, spec.image_size, whole=spec.transform == "albef_randaug",
-                                   num_threads=spec.num_threads, gpu=device.type == "cuda")
+                                   num_threads=spec.num_threads, device=device)
     else:
         from .wds import WdsSource
 
