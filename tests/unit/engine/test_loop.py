@@ -78,8 +78,8 @@ def test_logged_lr_is_the_lr_the_optimizer_stepped_with(synthetic_world, tmp_pat
     # each step logs the base group's lr (the experts', the smallest here) that the step used, not the next one's
     assert logged == {step: lrs[0] for step, lrs in stepped.items()}
     assert all(lrs[-1] == pytest.approx(5 * lrs[0]) for lrs in stepped.values())
-    assert logged[1] == pytest.approx(lr / 2) and logged[2] == pytest.approx(lr)
-    assert logged[2] == logged[3] > logged[4]  # warm-up over 2 steps, then the linear decay
+    assert logged[1] == 0.0 and logged[2] == pytest.approx(lr / 2) and logged[3] == pytest.approx(lr)
+    assert logged[3] > logged[4]  # warm-up from 0 over 2 steps (released), then the linear decay
 
 
 def test_a_signal_stops_at_the_step_boundary_with_a_checkpoint_and_the_run_resumes(synthetic_world, tmp_path,

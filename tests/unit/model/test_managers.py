@@ -311,7 +311,7 @@ def _centred_noise(logits, weights, tau, axis):
 
 
 def test_saue_noise_only_in_training_with_std_one_over_n():
-    m = SAUEManager(N, D, NORM, EPS, uses_prev=True).double()
+    m = SAUEManager(N, D, NORM, EPS, uses_prev=True, noise="logits").double()
     randomize(m)
     experts, prev, *_ = make_inputs()
     m.eval()
@@ -340,7 +340,7 @@ def test_saue_noise_only_in_training_with_std_one_over_n():
 
 
 def test_aaue_noise_only_in_training_with_std_one_over_n():
-    m = AAUEManager(N, D, NORM, EPS, fused=True).double()
+    m = AAUEManager(N, D, NORM, EPS, fused=True, noise="logits").double()
     randomize(m)
     experts, prev, other, other_mask, _ = make_inputs()
     m.eval()

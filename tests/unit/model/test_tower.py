@@ -89,9 +89,9 @@ def test_fuse_matches_reference_aaue_fused(mask_padding):
     # projections: Linear shared over layers + type row + layer-index row of the kept layers (2, 3 of 4 ... here 1..3)
     kept = [1, 2, 3]
     ref_text = torch.stack([ref_linear(t_raw[:, j], model.text_proj) + model.type_embedding.weight[0]
-                            + model.layer_embedding.weight[kept[j]] for j in range(3)], dim=1)
+                            + model.text_layer_embedding.weight[kept[j]] for j in range(3)], dim=1)
     ref_image = torch.stack([ref_linear(i_raw[:, j], model.image_proj) + model.type_embedding.weight[1]
-                             + model.layer_embedding.weight[kept[j]] for j in range(3)], dim=1)
+                             + model.image_layer_embedding.weight[kept[j]] for j in range(3)], dim=1)
     torch.testing.assert_close(text, ref_text, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(image, ref_image, rtol=1e-10, atol=1e-10)
     keep = mask.bool()

@@ -95,7 +95,8 @@ def test_heads_shapes_and_lr_multipliers(world, tmp_path):
     assert retrieval.lr_multiplier("itc_head.text_proj.weight") == 5.0 == retrieval.lr_multiplier("itm_head.fc.weight")
     assert retrieval.itc_head.temperature().item() == pytest.approx(0.07)
     with torch.no_grad():
-        retrieval.itc_head.log_temperature.fill_(5.0)
+        retrieval.itc_head.learned_temperature.fill_(5.0)
+    retrieval.after_optimizer_step()  # released: clamped in place to [0.001, 0.5] after each step
     assert retrieval.itc_head.temperature().item() == pytest.approx(0.5)
 
 
