@@ -21,12 +21,17 @@ A jobs file (see finetune/jobs/*.yaml):
 
 Each job's run folder is OUT/TASK-seedS[-lrLR]; a job whose summary.json says it finished (steps == total) is
 skipped, and a job that was killed resumes from its newest checkpoint (checkpoint.resume=auto). After every
-job the batch rewrites OUT/results.json (task, split, metric, value, checkpoint, seed, lr, wall_s, ...) and
-OUT/results.md (task | split | metric | value | checkpoint | wall time) from every finished job's summary.
+job (run or skipped) the batch writes that job's rows, from its summary, to OUT/rows/NAME.json, then rebuilds
+OUT/results.json (task, split, metric, value, checkpoint, seed, lr, wall_s, ...) and OUT/results.md
+(task | split | metric | value | checkpoint | wall time) from every job's row file, holding an exclusive lock
+on OUT/results.lock (fcntl.flock): SLURM array tasks that finish at the same moment each add their own row,
+and whichever rebuilds last sees them all.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -249,14 +254,57 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(jobs: list[Job], out_dir: Path) -> list[dict]:
-    rows = [row for job in jobs for row in job_rows(job)]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # SLURM array tasks may rewrite these at once: each writes whole files, through its own temporary name.
-    atomic_write(out_dir / "results.json", json.dumps(rows, indent=1))
-    atomic_write(out_dir / "results.md", "Values are percentages (VQA score, accuracy, recall@K).\n\n"
-                 + results_table(rows) + "\n")
+def rows_file(job: Job, out_dir: Path) -> Path:
+    """Where a job's rows wait for the table: OUT/rows/NAME.json, written only by the process that ran the job."""
+    return Path(out_dir) / "rows" / f"{job.name}.json"
+
+
+def write_job_rows(job: Job, out_dir: Path) -> list[dict]:
+    """Record one job's rows (from its summary) in its own file, whole (atomic_write); nothing before it has a
+    summary."""
+    rows = job_rows(job)
+    if rows:
+        atomic_write(rows_file(job, out_dir), json.dumps(rows, indent=1))
     return rows
+
+
+@contextlib.contextmanager
+def results_lock(out_dir: Path):
+    """An exclusive fcntl.flock on OUT/results.lock, held while the table is rebuilt: array tasks on any node
+    (flock works across the nodes of NFS; Lustre needs its `flock` mount option) rebuild one after another."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "results.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def merge_results(jobs: list[Job], out_dir: Path) -> list[dict]:
+    """Rebuild OUT/results.json and OUT/results.md from the row files of `jobs` (in job order), under the lock:
+    each rebuild reads the row files after the previous one wrote its table, so the last holds every row
+    recorded before it."""
+    out_dir = Path(out_dir)
+    with results_lock(out_dir):
+        rows = []
+        for job in jobs:
+            path = rows_file(job, out_dir)
+            if path.exists():
+                rows.extend(json.loads(path.read_text()))
+        atomic_write(out_dir / "results.json", json.dumps(rows, indent=1))
+        atomic_write(out_dir / "results.md", "Values are percentages (VQA score, accuracy, recall@K).\n\n"
+                     + results_table(rows) + "\n")
+    return rows
+
+
+def write_results(jobs: list[Job], out_dir: Path, own: list[Job] | None = None) -> list[dict]:
+    """Record the rows of the jobs this process ran (`own`; default every job of `jobs`), then rebuild the table
+    from every job's row file. A SLURM array task owns one job: it never writes another job's rows, which that
+    job's own task may be rewriting."""
+    for job in jobs if own is None else own:
+        write_job_rows(job, out_dir)
+    return merge_results(jobs, out_dir)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -319,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{job.index}] {job.name}: exit code {code} after {time.time() - started:.0f} s"
                       + ("" if code else " (stopped before its last step: run the batch again to resume)"),
                       file=sys.stderr, flush=True)
-        write_results(jobs, out_dir)
-    rows = write_results(jobs, out_dir)
+        write_results(jobs, out_dir, own=[job])
+    rows = merge_results(jobs, out_dir)
     print("\n" + results_table(rows))
     print(f"\nresults: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
     if failed:
@@ -331,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def submit(args, jobs: list[Job], out_dir: Path) -> int:
     """sbatch one array over the jobs: task I runs `--array-index I` (cluster/slurm/finetune_array.sbatch) in the
-    submit directory, and every task rewrites OUT/results.{json,md} when its job ends, so the table is whole
-    once the last one finishes. Prints the job id."""
+    submit directory; every task records its job's rows and rebuilds OUT/results.{json,md} under the batch's
+    lock when its job ends, so the table is whole once the last one finishes. Prints the job id."""
     if shutil.which("sbatch") is None:
         print("error: sbatch is not on PATH: --submit needs SLURM (or run the jobs here without --submit)",
               file=sys.stderr)

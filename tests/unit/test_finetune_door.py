@@ -3,6 +3,7 @@ batch runner (`python -m finetune.batch`: job expansion, finished jobs, the resu
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 import pytest
 
@@ -101,3 +102,43 @@ def test_batch_reports_bad_jobs_files(tmp_path, capsys):
     assert batch.main([str(undefined), "--count"]) == 2
     assert "${nowhere}" in capsys.readouterr().err
     assert batch.main([str(tmp_path / "missing.yaml")]) == 2
+
+
+def _finish_job(jobs, index, out, barrier):
+    """One SLURM array task at the end of its job: the summary lands, then the task records its row and rebuilds
+    the table, at the same moment as the others."""
+    from finetune import batch
+
+    job = jobs[index]
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    barrier.wait(timeout=60)
+    (job.run_dir / "summary.json").write_text(json.dumps({"steps": 3, "total_steps": 3, "wall_s": 1.0 + index,
+                                                          "accuracy": index / 10, "preempted": False}))
+    batch.write_results(jobs, out, own=[job])
+
+
+def test_array_tasks_finishing_together_each_reach_the_table(tmp_path):
+    """Real processes released by one barrier each finish a job and add its row: the table holds every row,
+    repetition after repetition (rebuilding it from the summaries without the lock loses some)."""
+    from finetune import batch
+
+    tasks, repetitions = 6, 25
+    jobs_file = tmp_path / "jobs.yaml"
+    jobs_file.write_text(f"seeds: {list(range(tasks))}\njobs: [{{task: nlvr2, config: {TINY['nlvr2']}}}]\n")
+    processes = multiprocessing.get_context("fork")  # the tasks start at once, without re-importing anything
+    for repetition in range(repetitions):
+        out = tmp_path / f"batch{repetition}"
+        jobs, _ = batch.load_jobs(str(jobs_file), out=str(out))
+        barrier = processes.Barrier(tasks)
+        workers = [processes.Process(target=_finish_job, args=(jobs, index, out, barrier)) for index in range(tasks)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        assert [worker.exitcode for worker in workers] == [0] * tasks
+        rows = json.loads((out / "results.json").read_text())
+        assert [row["job"] for row in rows] == [job.name for job in jobs], f"repetition {repetition}: {rows}"
+        assert [row["value"] for row in rows] == [index / 10 for index in range(tasks)]
+        table = (out / "results.md").read_text()
+        assert table.count("| nlvr2 |") == tasks
+        assert sorted(path.name for path in (out / "rows").iterdir()) == sorted(f"{job.name}.json" for job in jobs)
