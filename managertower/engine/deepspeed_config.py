@@ -13,7 +13,9 @@ from ..config import DS_LAYOUTS, DS_PRECISION_SECTIONS, TrainConfig, read_ds_con
 
 # What build_ds_config writes for train.precision when the file has no precision section of its own.
 PRECISION_SECTIONS = {
-    "bf16": {"bf16": {"enabled": True}},
+    # gradients accumulate in fp32 over the 16-512 micro-steps of a large global batch (bf16 keeps 8 bits of
+    # mantissa: a sum of hundreds of small gradients loses most of them)
+    "bf16": {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
     # dynamic loss scaling from 2^16, halved after 2 overflows, doubled after 1000 clean steps
     "fp16": {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                       "hysteresis": 2, "min_loss_scale": 1}},

@@ -31,6 +31,11 @@ from .layer_norm import LayerNorm
 NOISE_KINDS = ("element", "logits")
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16 (the weights' softmax), the dtype itself when wider (float64 reference tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 @dataclass
 class ExpertInputs:
     experts: torch.Tensor  # B x N x L x D
@@ -75,17 +80,23 @@ class Manager(nn.Module):
         """True when this forward draws noise per element of B x N x L x D (training with noise="element")."""
         return self.training and self.noise == "element"
 
+    # Logits, temperature, noise and softmax run in fp32 under bf16 training: the weights start near 1/N and the
+    # noise is N(0, (1/N)^2), below bf16's resolution (about 1e-3 around 1/6); the weights go back to the
+    # input's dtype for the weighted sum. In fp32 runs nothing changes.
     def noisy_softmax(self, logits: torch.Tensor, temperature: torch.Tensor, dim: int) -> torch.Tensor:
         """softmax((logits + eps) / tau) over `dim`, eps drawn per logit in training (noise="logits")."""
+        dtype, wide = logits.dtype, _at_least_fp32(logits.dtype)
+        logits = logits.to(wide)
         if self.training:
             logits = logits + torch.randn_like(logits) / self.num_experts
-        return torch.softmax(logits / temperature, dim=dim)
+        return torch.softmax(logits / temperature.to(wide), dim=dim).to(dtype)
 
     def element_softmax(self, logits: torch.Tensor, temperature: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """softmax over axis 1 of (logits + eps) / tau, logits broadcast to `shape` (B x N x L x D) and eps drawn
         i.i.d. for each of its elements: the weights of every sample, token and channel explore on their own."""
-        noise = torch.randn(shape, dtype=logits.dtype, device=logits.device) / self.num_experts
-        return torch.softmax((logits + noise) / temperature, dim=1)
+        wide = _at_least_fp32(logits.dtype)
+        noise = torch.randn(shape, dtype=wide, device=logits.device) / self.num_experts
+        return torch.softmax((logits.to(wide) + noise) / temperature.to(wide), dim=1).to(logits.dtype)
 
     def element_sum(self, normed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_i w_i * LN_i(U_i) with per-element weights B x N x L x D."""

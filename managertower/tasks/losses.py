@@ -32,8 +32,10 @@ def itc_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, text_ids: torch.Te
     all_texts = dist.gather_with_grad(text_emb) if gather else text_emb
     all_image_ids = dist.gather_rows(image_ids) if gather else image_ids
     all_text_ids = dist.gather_rows(text_ids) if gather else text_ids
-    t2i = text_emb @ all_images.t() / temperature
-    i2t = image_emb @ all_texts.t() / temperature
+    # fp32 logits under bf16: a 0.07 temperature scales the similarities' bf16 rounding by 14
+    wide = torch.promote_types(text_emb.dtype, torch.float32)
+    t2i = text_emb.to(wide) @ all_images.to(wide).t() / temperature.to(wide)
+    i2t = image_emb.to(wide) @ all_texts.to(wide).t() / temperature.to(wide)
 
     def soft_ce(logits, row_ids, column_ids):
         positives = (row_ids[:, None] == column_ids[None, :]).float()

@@ -46,6 +46,7 @@ def test_ds_config_of_each_layout_and_precision(stage, offload, precision):
     assert {"optimizer", "scheduler"}.isdisjoint(config)
     if precision == "bf16":
         assert config["bf16"] == {"enabled": True} and "fp16" not in config
+        assert config["data_types"] == {"grad_accum_dtype": "fp32"}  # accumulate the micro-steps in fp32
     elif precision == "fp16":
         assert config["fp16"]["enabled"] is True and config["fp16"]["loss_scale"] == 0 and "bf16" not in config
     else:
