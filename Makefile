@@ -6,12 +6,15 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast install bench clean
 
-$(STAMP): setup.py
+# EXTRAS: the DALI build for the machine's CUDA major version (cu12 or cu13); its CPU pipelines need no GPU.
+EXTRAS ?= dev,cu12
+
+$(STAMP): setup.py constraints/local.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints/local.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# the edit loop: every test but the multi-minute ones (real multi-rank training, SLURM/pdsh; the `slow` marker)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/model_step.py

