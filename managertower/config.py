@@ -219,6 +219,8 @@ class TrainConfig:
     # ZeRO stage, precision and offload it sets must agree with the keys above (see ds_configs/README.md).
     ds_config: str | None = None
     optimizer: str = "auto"  # auto: fused Adam(W) on GPUs, DeepSpeed's CPU Adam with offload, torch AdamW on CPU
+    # auto: this rank's GPU where torch sees one, else the CPU; cuda: a GPU or a clear error (no silent CPU run)
+    device: str = "auto"
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
@@ -235,6 +237,7 @@ class TrainConfig:
         _check_choice("train.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _check_choice("train.offload", self.offload, OFFLOADS)
         _check_choice("train.optimizer", self.optimizer, ("auto", "torch_adamw", "deepspeed_adam"))
+        _check_choice("train.device", self.device, ("auto", "cuda", "cpu"))
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")

@@ -95,6 +95,9 @@ def device(requested: str = "auto") -> torch.device:
     if requested not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"device={requested!r} is not one of auto, cuda, cpu")
     if requested == "cpu":
+        if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+            raise ConfigError("train.device=cpu on a machine with GPUs also needs DeepSpeed's CPU accelerator: "
+                              "set DS_ACCELERATOR=cpu in the ranks' environment")
         return torch.device("cpu")
     if torch.cuda.is_available():
         count, local = torch.cuda.device_count(), local_rank()

@@ -29,6 +29,15 @@ def test_a_launch_that_asked_for_gpus_fails_loudly_without_one(no_cuda):
     assert dist.device("cpu") == torch.device("cpu")
 
 
+def test_cpu_on_a_gpu_machine_needs_the_cpu_accelerator(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    with pytest.raises(ConfigError, match="DS_ACCELERATOR=cpu"):
+        dist.device("cpu")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert dist.device("cpu") == torch.device("cpu")
+
+
 @pytest.mark.parametrize("count,local,expected", [(8, 3, 3), (1, 5, 0), (2, 1, 1)])
 def test_each_rank_takes_its_visible_gpu(monkeypatch, count, local, expected):
     """`srun --gpus-per-task=1` shows each rank one device (cuda:0) whatever its LOCAL_RANK."""
