@@ -6,11 +6,16 @@
 
 One rank runs `python -m MODULE ARGS`; more, or a hostfile, run the DeepSpeed launcher
 (`python -m deepspeed.launcher.runner ... --module MODULE ARGS`), which starts every rank with `--local_rank`
-and the environment it was given. Both functions only build values: nothing is started here.
+and the environment it was given. For several nodes over ssh, `node_launcher_command` (DeepSpeed's per-node
+launcher) and `pdsh_command` (one remote shell command, every part quoted) build what cluster.launch runs.
+These functions only build values: nothing is started here.
 """
 from __future__ import annotations
 
+import base64
+import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -19,6 +24,16 @@ from typing import Mapping, Sequence
 # rank's working directory.
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = "deepspeed.launcher.runner"
+NODE_LAUNCHER = "deepspeed.launcher.launch"  # DeepSpeed's per-node launcher: starts one node's ranks
+PDSH_FAN_OUT = 1024  # as DeepSpeed's pdsh runner: every node at once
+
+
+class PdshExpanded(str):
+    """A part of a pdsh remote command that pdsh itself fills in (`%n`: the node's index in the host list);
+    every other part reaches the node's shell exactly as given."""
+
+
+PDSH_NODE_RANK = PdshExpanded("%n")
 
 
 def has_cuda() -> bool:
@@ -81,3 +96,43 @@ def launcher_command(module: str | None, args: Sequence[str], ranks: int = 1, *,
     if module is not None:
         command += ["--module", module]
     return command + list(args)
+
+
+def world_info(hosts: Sequence[tuple[str, int]]) -> str:
+    """DeepSpeed's `--world_info`: {host: [slot indices]} as url-safe base64 JSON, hosts in hostfile order (a
+    node's rank is its index here)."""
+    layout = {host: list(range(slots)) for host, slots in hosts}
+    return base64.urlsafe_b64encode(json.dumps(layout).encode()).decode()
+
+
+def node_launcher_command(module: str | None, args: Sequence[str], hosts: Sequence[tuple[str, int]], *,
+                          master_addr: str, master_port: int, node_rank: int | PdshExpanded,
+                          python: str = sys.executable) -> list[str]:
+    """DeepSpeed's per-node launcher for one node of `hosts` ((host, slots) pairs): `python -u -m
+    deepspeed.launcher.launch --world_info=... --master_addr --master_port --node_rank=R [--module] MODULE|SCRIPT
+    ARGS`, which starts that node's ranks. `node_rank=PDSH_NODE_RANK` leaves the rank for pdsh to fill in."""
+    rank = f"--node_rank={node_rank}"
+    command = [python, "-u", "-m", NODE_LAUNCHER, f"--world_info={world_info(hosts)}",
+               f"--master_addr={master_addr}", f"--master_port={master_port}",
+               PdshExpanded(rank) if isinstance(node_rank, PdshExpanded) else rank]
+    if module is not None:
+        command += ["--module", module]
+    return command + list(args)
+
+
+def _pdsh_quote(part: str) -> str:
+    """One shell word that pdsh passes on unchanged: pdsh replaces %h, %u, %n and %% anywhere in the remote
+    command, so a literal '%' is doubled, except in the parts pdsh is meant to fill in."""
+    quoted = shlex.quote(part)
+    return quoted if isinstance(part, PdshExpanded) else quoted.replace("%", "%%")
+
+
+def pdsh_command(hosts: Sequence[str], command: Sequence[str], *, workdir: str | os.PathLike | None = None,
+                 fan_out: int = PDSH_FAN_OUT) -> list[str]:
+    """`pdsh -S -f N -w HOST,... REMOTE`, REMOTE one shell command line: `cd WORKDIR && exec COMMAND`, every part
+    shell-quoted (a folder with a space, an argument with a quote or a '$' arrive as given) and kept from pdsh's
+    own % expansion, except PdshExpanded parts. `-S`: the exit status is the largest of the nodes'."""
+    remote = " ".join(_pdsh_quote(part) for part in command)
+    if workdir is not None:
+        remote = f"cd {_pdsh_quote(str(workdir))} && exec {remote}"
+    return ["pdsh", "-S", "-f", str(fan_out), "-w", ",".join(hosts), remote]

@@ -1,8 +1,11 @@
 """The DeepSpeed launcher across two "nodes" (mt-node1 = 127.0.0.2, mt-node2 = 127.0.0.3, reached over sshd
 with key authentication and pdsh): one rank on each trains and checkpoints; a rank killed with SIGKILL ends
-the whole job within 60 seconds, and launching again resumes from the checkpoint."""
+the whole job within 60 seconds, and launching again resumes from the checkpoint; a launch from a folder with
+a space gets its arguments and values intact, and an HF_TOKEN reaches the ranks without being shown anywhere."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -93,3 +96,56 @@ def test_killed_rank_ends_the_job_and_relaunch_resumes(ssh_nodes, shard_root, tm
     assert returncode == 0, text[-5000:]
     assert resumed_steps(text) == [saved], f"expected to resume from step {saved}\n{text[-5000:]}"
     assert_finished(run_dir, steps, text)
+
+
+# Run as each rank: what arrived (arguments, folder, values; HF_TOKEN as a hash), and the processes of this machine
+# whose command line holds the token: on the loopback nodes that is pdsh, ssh and every launcher of this launch.
+PROBE = """\
+import hashlib, json, os, sys
+token = os.environ.get("HF_TOKEN")
+shown_by_ps = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if token and token.encode() in handle.read():
+                shown_by_ps.append(int(pid))
+    except OSError:
+        pass
+print("PROBE " + json.dumps({"rank": os.environ.get("RANK"), "argv": sys.argv[1:], "cwd": os.getcwd(),
+                             "token_sha256": token and hashlib.sha256(token.encode()).hexdigest(),
+                             "shown_by_ps": shown_by_ps, "odd_value": os.environ.get("MT_ODD_VALUE")}), flush=True)
+"""
+
+
+def test_pdsh_launch_quotes_everything_and_keeps_the_token_off_command_lines(ssh_nodes, tmp_path):
+    folder = tmp_path / "launch dir with space"
+    folder.mkdir()
+    (folder / "probe.py").write_text(PROBE)
+    token, tag = f"hf_{uuid.uuid4().hex}", uuid.uuid4().hex[:12]
+    arguments = ["it's $HOME and $(echo cmd) `echo tick`", 'a "double" quote', "100%n %h %%", "semi;colon|pipe&", ""]
+    odd_value = 'a"b $HOME \'c\' `x` 100%n'
+    command = [PYTHON, "-m", "cluster.launch", "--hosts", ",".join(ssh_nodes), "--slots", "1",
+               "--master-addr", ssh_nodes[0], "--work-dir", str(folder / "launch"), "--set", f"MT_ODD_VALUE={odd_value}",
+               "--", "probe.py", *arguments]
+    try:
+        result = subprocess.run(command, cwd=folder, env=run_env(HF_TOKEN=token, MT_LAUNCH_TAG=tag),
+                                capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    finally:
+        kill_tagged(tag)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    probes = [json.loads(line.split("PROBE ", 1)[1]) for line in output.splitlines() if "PROBE " in line]
+    assert sorted(probe["rank"] for probe in probes) == ["0", "1"], output[-5000:]
+    for probe in probes:
+        assert probe["argv"][0].startswith("--local_rank=")  # DeepSpeed's launcher adds it
+        assert probe["argv"][1:] == arguments, f"the arguments changed on the way: {probe['argv']}"
+        assert probe["cwd"] == str(folder)
+        assert probe["odd_value"] == odd_value
+        assert probe["token_sha256"] == hashlib.sha256(token.encode()).hexdigest(), "HF_TOKEN did not reach the rank"
+        assert probe["shown_by_ps"] == [], "HF_TOKEN is on a command line while the ranks run"
+    assert token not in output
+    env_file = folder / "launch" / "deepspeed_env"
+    assert env_file.stat().st_mode & 0o777 == 0o600 and token in env_file.read_text()  # the one carrier
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.stat().st_mode & 0o044:
+            assert token not in path.read_text(errors="replace"), f"{path} is readable by others and holds HF_TOKEN"

@@ -118,8 +118,8 @@ def test_dataprep_array_parts_make_one_complete_folder(slurm, shard_root, tmp_pa
 
 def test_finetune_batch_submits_one_array_and_collects_one_table(slurm, slurm_jobs, shard_root, tmp_path):
     """`python -m finetune.batch JOBS --submit`: one array task per job (cluster/slurm/finetune_array.sbatch),
-    submitted from outside the repository; each task trains its job and the last rewrites results.json/md with
-    every job's row."""
+    submitted from outside the repository; each task trains its job, records its row and rebuilds results.json/md
+    under the batch's lock, so the table ends with every job's row."""
     out, log = tmp_path / "batch", tmp_path / "finetune-%a.out"
     steps = 4
     jobs_file = tmp_path / "jobs.yaml"

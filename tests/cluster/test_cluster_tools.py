@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tarfile
+import uuid
 
 import pytest
 
@@ -87,9 +90,15 @@ def test_launch_dry_run_writes_hostfile_and_environment(tmp_path):
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     printed = result.stdout.splitlines()
-    assert "deepspeed.launcher.runner" in printed[0] and "--launcher=pdsh" in printed[0]
-    assert "--master_addr=mt-node1" in printed[0] and "--master_port=29123" in printed[0]
-    assert printed[0].endswith(f"--module pretrain --config pretrain/configs/tiny.yaml run.dir={run_dir}")
+    pdsh = shlex.split(printed[0])
+    assert pdsh[:6] == ["pdsh", "-S", "-f", "1024", "-w", "mt-node1,mt-node2"] and len(pdsh) == 7
+    remote = shlex.split(pdsh[6])  # the one command line each node's shell runs
+    assert remote[:4] == ["cd", str(REPO), "&&", "exec"]
+    assert remote[remote.index("--node-env") + 1] == str(run_dir / "launch" / "deepspeed_env")
+    node = remote[remote.index("--") + 1:]
+    assert node[1:4] == ["-u", "-m", "deepspeed.launcher.launch"] and "--node_rank=%n" in node
+    assert "--master_addr=mt-node1" in node and "--master_port=29123" in node
+    assert node[-5:] == ["--module", "pretrain", "--config", "pretrain/configs/tiny.yaml", f"run.dir={run_dir}"]
     assert (run_dir / "launch" / "hostfile").read_text() == "mt-node1 slots=2\nmt-node2 slots=2\n"
     forwarded = dict(line.split("=", 1) for line in (run_dir / "launch" / "deepspeed_env").read_text().splitlines())
     assert forwarded["NCCL_SOCKET_IFNAME"] == "lo" and forwarded["NCCL_DEBUG"] == "WARN"
@@ -100,6 +109,30 @@ def test_launch_dry_run_writes_hostfile_and_environment(tmp_path):
     assert forwarded["PATH"].split(":")[0] == str(launch.Path(PYTHON).parent)  # the venv's bin first
     assert forwarded["MT_LAUNCH_TAG"]
     assert "CUDA_VISIBLE_DEVICES" not in forwarded and "SECRET_THING" not in forwarded
+
+
+def test_launch_dry_run_hides_credentials_and_keeps_them_in_an_owner_only_file(tmp_path):
+    """HF_TOKEN (and any variable named like a credential) is forwarded through the 0600 environment file only:
+    --dry-run shows it as <hidden>, and the command that would run does not hold it."""
+    run_dir = tmp_path / "run"
+    token, key = f"hf_{uuid.uuid4().hex}", f"k{uuid.uuid4().hex}"
+    env = run_env(HF_TOKEN=token, MT_SERVICE_API_KEY=key, TOKENIZERS_PARALLELISM="false")
+    command = [PYTHON, "-m", "cluster.launch", "--hosts", "mt-node1,mt-node2", "--slots", "1", "--dry-run",
+               "--forward", "MT_SERVICE_API_KEY", "--", "--module", "pretrain", f"run.dir={run_dir}"]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for secret in (token, key):
+        assert secret not in result.stdout and secret not in result.stderr  # neither the command nor the file
+    shown = dict(line.split("=", 1) for line in result.stdout.splitlines()[1:])
+    assert shown["HF_TOKEN"] == "<hidden>" and shown["MT_SERVICE_API_KEY"] == "<hidden>"
+    assert shown["TOKENIZERS_PARALLELISM"] == "false" and shown["HF_HUB_OFFLINE"] == "1"  # not credentials
+    env_file = run_dir / "launch" / "deepspeed_env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    forwarded = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    assert forwarded["HF_TOKEN"] == token and forwarded["MT_SERVICE_API_KEY"] == key
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.stat().st_mode & 0o044:
+            assert token not in path.read_text(errors="replace"), f"{path} is readable by others and holds HF_TOKEN"
 
 
 def test_launch_node_and_torchrun_modes_from_slurm_variables(tmp_path):
@@ -119,9 +152,14 @@ def test_launch_node_and_torchrun_modes_from_slurm_variables(tmp_path):
     assert bad.returncode == 2 and "no program" in bad.stderr
 
 
-def test_launch_refuses_values_the_remote_shell_would_mangle():
-    with pytest.raises(launch.LaunchError):
-        launch.rank_environment({"NCCL_X": 'a"b'})
+def test_launch_refuses_only_values_the_environment_file_cannot_hold(tmp_path):
+    with pytest.raises(launch.LaunchError, match="newline"):
+        launch.rank_environment({"NCCL_X": "a\nb"})
+    odd = {"NCCL_X": 'a"b', "MT_Y": "$HOME `x` 'q' \\ 100%", "MT_EMPTY": "", "MT_EQ": "a=b=c"}
+    variables = launch.rank_environment(odd)  # no shell reads them any more: the nodes read the file
+    path = tmp_path / "env"
+    path.write_text(launch.format_env_file(variables))
+    assert launch.read_env_file(path) == variables and {k: variables[k] for k in odd} == odd
 
 
 def _shards(tmp_path, good=True):

@@ -2,15 +2,19 @@
 layering they keep: the library builds commands and parses no arguments, the doors parse and run."""
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
 
 from managertower import launch
-from managertower.launch import REPO, launcher_command, local_master_port, rank_env
+from managertower.launch import (PDSH_NODE_RANK, REPO, launcher_command, local_master_port, node_launcher_command,
+                                 pdsh_command, rank_env, world_info)
 
 
 def test_rank_env_shares_the_cores_and_puts_the_repository_first():
@@ -66,6 +70,23 @@ def test_hostfile_launch_with_launcher_arguments_and_a_script():
                        "pretrain", "a=1"]
     script = launcher_command(None, ["train.py", "x"], hostfile="h", master_port=1, python="py")
     assert script == ["py", "-m", "deepspeed.launcher.runner", "--hostfile=h", "--master_port=1", "train.py", "x"]
+
+
+def test_pdsh_command_quotes_every_part():
+    """The remote command pdsh hands each node's shell: the folder and every argument one shell word each, and
+    every '%' doubled (pdsh expands %h, %u, %n and %% itself) except the node rank pdsh is to fill in."""
+    odd = ["it's $HOME", 'a "quoted" `word`', "100%n %h", "", "x;y|z&"]
+    node = node_launcher_command(None, ["probe.py", *odd], [("n1", 2), ("n2", 2)], master_addr="n1",
+                                 master_port=29000, node_rank=PDSH_NODE_RANK, python="/venv bin/python")
+    assert node[:4] == ["/venv bin/python", "-u", "-m", "deepspeed.launcher.launch"]
+    assert node[-6:] == ["probe.py", *odd]
+    assert json.loads(base64.urlsafe_b64decode(world_info([("n1", 2), ("n2", 2)]))) == {"n1": [0, 1], "n2": [0, 1]}
+    pdsh = pdsh_command(["n1", "n2"], node, workdir="/runs/a b's")
+    assert pdsh[:6] == ["pdsh", "-S", "-f", "1024", "-w", "n1,n2"] and len(pdsh) == 7
+    words = shlex.split(pdsh[6])
+    assert words[:4] == ["cd", "/runs/a b's", "&&", "exec"]
+    assert words[4:] == [part if part == "--node_rank=%n" else part.replace("%", "%%") for part in node]
+    assert pdsh_command(["n1"], ["pkill", "-f", "[d]x"]) == ["pdsh", "-S", "-f", "1024", "-w", "n1", "pkill -f '[d]x'"]
 
 
 LIBRARY = Path(__file__).resolve().parents[2] / "managertower"
