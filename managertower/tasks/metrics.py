@@ -15,11 +15,13 @@ from typing import Sequence
 
 import torch
 
+from ..data.formats import vqa_answers
+
 
 def vqa_soft_score(count: int) -> float:
-    """The VQAv2 soft score of an answer given by `count` of the 10 annotators: min(1, 0.3 x count)
-    (0, .3, .6, .9, 1), as the released code's dataprep rounds it."""
-    return min(1.0, 0.3 * count)
+    """The VQAv2 soft score of an answer given by `count` of the 10 annotators: exactly 0, .3, .6, .9, then 1,
+    the released dataprep's lookup (the one dataprep stores in the metadata)."""
+    return vqa_answers.answer_score(count)
 
 
 def vqa_score(pred_answers: Sequence[str], answer_scores: Sequence[dict]) -> float:

@@ -1,19 +1,22 @@
 """VQAv2: one sample per COCO image holding all its questions, each with soft-scored answers.
 
-Scores follow the VQA evaluation: an answer given by k of the 10 annotators scores min(1, 0.3 k)
-(0, .3, .6, .9, 1), after the evaluation's answer normalisation. The answer vocabulary follows the
-released code (ViLT / METER / BridgeTower): the normalised `multiple_choice_answer` of every question in
-the train and val annotations, kept when seen at least --min-answer-count (9) times: 3129 answers.
+Answers are normalised and scored as the released code does (vqa_answers.py): an answer given by k of the 10
+annotators scores 0, .3, .6, .9, 1 for k = 0..4+, and every answer of a question is kept in the metadata (the
+training task drops the questions none of whose answers is a class; evaluation keeps them all). The answer
+vocabulary is the released one: the normalised `multiple_choice_answer` of every train question, then every
+val question, kept when seen at least --min-answer-count (9) times, in order of first appearance: 3129
+answers, row for row the released VQA head's classes.
 """
 from __future__ import annotations
 
 import os
-import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Any, Iterator
 
 from managertower.data.formats.base import (AnnotationError, Item, RawDataset, ReaderOption, load_json, require,
                                             require_list, sample_key)
+from managertower.data.formats import vqa_answers
+from managertower.data.formats.vqa_answers import normalize_answer, soft_scores  # noqa: F401 (this reader's API)
 from managertower.data.images import ImageSource
 
 # split -> (questions file stem, annotations file stem or None, image folder = COCO file-name prefix)
@@ -25,54 +28,12 @@ VQA_SPLITS = {
 }
 VOCAB_FILE = "answer_vocab.json"
 
-# A subset of the official VQA evaluation normalisation (vqaEval.py): contractions, punctuation, digits,
-# articles. Enough to merge the spellings annotators actually vary in ("two" / "2", "a dog" / "dog").
-_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
-                 "wont": "won't", "wasnt": "wasn't", "werent": "weren't", "didnt": "didn't", "couldnt": "couldn't",
-                 "shouldnt": "shouldn't", "wouldnt": "wouldn't", "hasnt": "hasn't", "havent": "haven't",
-                 "im": "i'm", "ive": "i've", "youre": "you're", "theyre": "they're", "whats": "what's",
-                 "thats": "that's", "lets": "let's", "its": "it's", "hes": "he's", "shes": "she's"}
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-                "?", "!"]
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-
-
-def normalize_answer(answer: str) -> str:
-    text = " ".join(str(answer).replace("\n", " ").replace("\t", " ").strip().lower().split())
-    for mark in _PUNCTUATION:
-        if (mark + " " in text or " " + mark in text) or _COMMA_STRIP.search(text) is not None:
-            text = text.replace(mark, "")
-        else:
-            text = text.replace(mark, " ")
-    text = _PERIOD_STRIP.sub("", text)
-    words = []
-    for word in text.split():
-        word = _NUMBER_WORDS.get(word, word)
-        if word not in _ARTICLES:
-            words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
-
-
 def whole_number(value: Any, path: str, key: str, what: str) -> int | str:
     """An id as the file gives it (a number, or digits in a string), or an AnnotationError naming the key:
     COCO file names are built from it and answers are looked up by it."""
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
         raise AnnotationError(path, f"{value!r} is not a whole number ({what})", key=key)
     return value
-
-
-def answer_score(count: int) -> float:
-    return round(min(1.0, 0.3 * count), 1)
-
-
-def soft_scores(answers: list[str]) -> dict[str, float]:
-    counts = Counter(normalize_answer(answer) for answer in answers)
-    counts.pop("", None)
-    return {answer: answer_score(count) for answer, count in sorted(counts.items())}
 
 
 class VQAv2(RawDataset):
@@ -84,7 +45,7 @@ ROOT/v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.jso
 ROOT/v2_mscoco_{train2014,val2014}_annotations.json           (test splits have none)
 ROOT/{train2014,val2014,test2015}/COCO_{folder}_{image_id:012d}.jpg
 Writes OUT/answer_vocab.json: normalised multiple-choice answers seen >= --min-answer-count times in the
-train+val annotations found, most frequent first.
+train then val annotations found, in order of first appearance (the released VQA head's class order).
 """
 
     reader_options = (
@@ -142,18 +103,28 @@ train+val annotations found, most frequent first.
                          f"annotations[{position}].question_id", "a question id")
         return annotations
 
-    def answer_vocabulary(self) -> list[str]:
-        paths = self.option("vocab_annotations") or [
+    def vocabulary_files(self) -> list[str]:
+        """The annotation files the vocabulary counts, in order: train before val, as the released code."""
+        return self.option("vocab_annotations") or [
             p for p in (self._annotation_path("train2014"), self._annotation_path("val2014")) if os.path.exists(p)]
-        counts: Counter = Counter()
-        for path in paths:
-            for position, annotation in enumerate(self._annotations(path)):
-                answer = require(annotation, "multiple_choice_answer", path, context=f" of annotations[{position}]")
-                counts[normalize_answer(answer)] += 1
-        counts.pop("", None)
-        minimum = self.option("min_answer_count", 9)
-        return [answer for answer, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if count >= minimum]
+
+    def answer_vocabulary(self) -> list[str]:
+        """The answer classes (vqa_answers.answer_vocabulary), counted once per reader: the train annotations
+        alone are hundreds of MB."""
+        if getattr(self, "_vocabulary", None) is None:
+            multiple_choice = [require(annotation, "multiple_choice_answer", path,
+                                       context=f" of annotations[{position}]")
+                               for path in self.vocabulary_files()
+                               for position, annotation in enumerate(self._annotations(path))]
+            self._vocabulary = vqa_answers.answer_vocabulary(multiple_choice, self.option("min_answer_count", 9))
+        return self._vocabulary
 
     def extra_files(self) -> dict[str, list[str]]:
         vocabulary = self.answer_vocabulary()
         return {VOCAB_FILE: vocabulary} if vocabulary else {}
+
+    def notes(self) -> dict[str, object]:
+        """What the summary and the run manifest report about answer_vocab.json."""
+        return {"answer_vocab_size": len(self.answer_vocabulary()),
+                "answer_vocab_min_count": self.option("min_answer_count", 9),
+                "answer_vocab_from": [os.path.basename(path) for path in self.vocabulary_files()]}
