@@ -51,6 +51,13 @@ def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, *, mask_tok
     return masked, labels
 
 
+def mlm_selection(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The picked tokens' flat B x T positions and their ids, computed on the host so that the MLM head selects
+    them on the device without a sync (a boolean mask's count has to come back from the GPU)."""
+    positions = (labels.flatten() != -100).nonzero().flatten()
+    return positions, labels.flatten()[positions]
+
+
 def itm_pairs(image_ids: list[Any], negative_fraction: float,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """For each text, the batch index of the image to pair with, and the ITM label (1 match, 0 not).
@@ -81,8 +88,8 @@ def itm_pairs(image_ids: list[Any], negative_fraction: float,
 
 
 class PretrainCollator(Collator):
-    """examples (+ images) -> {input_ids, attention_mask, mlm_input_ids, mlm_labels, itm_image_index, itm_labels,
-    image_ids}.
+    """examples (+ images) -> {input_ids, attention_mask, mlm_input_ids, mlm_labels, mlm_positions, mlm_targets,
+    itm_image_index, itm_labels, image_ids}.
 
     Shapes (B examples, T = max_text_len): input_ids / attention_mask / mlm_input_ids / mlm_labels B x T long;
     itm_image_index, itm_labels B long. `input_ids` is the unmasked text (ITM); `mlm_input_ids` the masked one.
@@ -122,9 +129,11 @@ class PretrainCollator(Collator):
                                                 self.itm_negative_fraction, generator)
         # 63-bit keys of the pictures, so objectives over the batch (ITC) can tell captions of one picture apart
         image_ids = torch.tensor([mix_seed(str(e.get("image_id", e.get("key")))) for e in examples], dtype=torch.long)
+        mlm_positions, mlm_targets = mlm_selection(mlm_labels)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mlm_input_ids": mlm_input_ids,
-                "mlm_labels": mlm_labels, "itm_image_index": itm_image_index, "itm_labels": itm_labels,
-                "image_ids": image_ids}
+                "mlm_labels": mlm_labels, "mlm_positions": mlm_positions,
+                "mlm_targets": mlm_targets, "itm_image_index": itm_image_index,
+                "itm_labels": itm_labels, "image_ids": image_ids}
 
     def state_dict(self) -> dict:
         return {"batches": self.batches}

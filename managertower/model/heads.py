@@ -12,7 +12,9 @@ class MLMHead(nn.Module):
     """Linear(D,D) -> GELU -> LN(1e-12) -> Linear(D, vocab); not tied to the word embeddings.
 
     `forward(hidden, labels)` decodes only the masked positions (labels != -100): the vocabulary projection is
-    the largest matrix of the step, and the other 85% of the tokens never reach the loss.
+    the largest matrix of the step, and the other 85% of the tokens never reach the loss. `positions` (the flat
+    B x T indices of those tokens, which the collator computes on the host) selects them without the host sync a
+    boolean mask costs on a GPU (its count must come back to size the result).
     """
 
     def __init__(self, dim: int, vocab_size: int, norm: type[LayerNorm] = LayerNorm):
@@ -21,8 +23,11 @@ class MLMHead(nn.Module):
         self.norm = norm(dim, eps=1e-12)
         self.decoder = nn.Linear(dim, vocab_size)
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None):
-        if labels is not None:
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None):
+        if positions is not None:
+            hidden = hidden.flatten(0, 1).index_select(0, positions)
+        elif labels is not None:
             picked = labels != -100
             hidden, labels = hidden[picked], labels[picked]
         logits = self.decoder(self.norm(F.gelu(self.dense(hidden))))

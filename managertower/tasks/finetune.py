@@ -165,7 +165,7 @@ class ClassificationTask(FinetuneTask):
         loss = F.cross_entropy(logits, batch["label"])
         with torch.no_grad():
             acc = (logits.argmax(-1) == batch["label"]).float().mean()
-        return {"loss": loss, "acc": acc, "batch_size": logits.shape[0], "tokens": int(batch["attention_mask"].sum())}
+        return {"loss": loss, "acc": acc, "batch_size": logits.shape[0], "tokens": batch["attention_mask"].sum()}
 
     def eval_batch(self, batch: dict) -> list[dict]:
         pred = self.logits(batch).argmax(-1).tolist()

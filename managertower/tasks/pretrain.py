@@ -58,7 +58,8 @@ class PretrainTask(Task):
 
     # --- the objective ------------------------------------------------------------------------------------
     def _losses(self, mlm_out, itm_out, batch) -> dict:
-        logits, labels = self.mlm_head(mlm_out.text, batch["mlm_labels"])
+        logits, _ = self.mlm_head(mlm_out.text, positions=batch["mlm_positions"])
+        labels = batch["mlm_targets"]
         loss_mlm = masked_cross_entropy(logits, labels)
         itm_logits = self.itm_head(itm_out.cls_feats)
         loss_itm = F.cross_entropy(itm_logits.float(), batch["itm_labels"])
@@ -67,7 +68,7 @@ class PretrainTask(Task):
             acc_itm = (itm_logits.argmax(-1) == batch["itm_labels"]).float().mean()
         return {"loss": loss_mlm + loss_itm, "loss_mlm": loss_mlm, "loss_itm": loss_itm, "acc_mlm": acc_mlm,
                 "acc_itm": acc_itm, "batch_size": batch["input_ids"].shape[0],
-                "tokens": int(batch["attention_mask"].sum())}
+                "tokens": batch["attention_mask"].sum()}
 
     def forward(self, batch: dict) -> dict:
         model = self.model

@@ -145,7 +145,7 @@ class RetrievalTask(FinetuneTask):
             acc_itc = (all_image_ids[t2i.argmax(1)] == image_ids).float().mean()
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm, "acc_itm": acc_itm,
                 "acc_itc": acc_itc, "temperature": temperature.detach(), "batch_size": ids.shape[0],
-                "tokens": int(mask.sum()), "itm_rows": (text_rows, image_rows, labels, start)}
+                "tokens": mask.sum(), "itm_rows": (text_rows, image_rows, labels, start)}
 
     # --- inference ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,10 +1,14 @@
 """VQAv2 (docs/recipe.md §3): 576 px, one example per question, soft-target BCE x n_classes, VQA score.
 
 Head: ClassifierHead(2D, 4D, n_answers) on `cls_feats` (1536 -> 3072 -> 3129 at base size), lr x50.
-Answer classes: `answer_vocab.json` (a JSON list; dataprep writes it beside the VQAv2 shards from the answers
-seen >= 9 times in train+val), or `task.answer_vocab`. A question's target row holds the soft score
-min(1, 0.3 x count) of each in-vocabulary answer (dataprep stores these scores in the metadata); answers
-outside the vocabulary are dropped from the target but still count for the VQA score of a prediction.
+Answer classes: `answer_vocab.json` (a JSON list; dataprep writes it beside the VQAv2 shards: the normalised
+multiple-choice answers seen >= 9 times in train+val, in the released order, so row i of a released VQA head is
+class i), or `task.answer_vocab`. A question's target row holds the soft score (0, .3, .6, .9, 1 for 0..4+
+annotators, data/formats/vqa_answers.py) of each in-vocabulary answer (dataprep stores these scores in the
+metadata); answers outside the vocabulary are left out of the target.
+Training skips the questions none of whose answers is a class (the released dataprep drops them: their target
+row would be all zero), and the epoch schedule counts the questions kept; evaluation keeps every question, so
+the VQA score is over the whole split.
 Loss (released code): `binary_cross_entropy_with_logits(logits, targets) * n_classes`, i.e. the BCE summed
 over classes and averaged over questions.
 No horizontal flip: questions name sides ("what shape is at the top left?").
@@ -93,6 +97,12 @@ class VQATask(FinetuneTask):
         self.classifier.apply(init_new_weights)
 
     def expand(self, meta: dict, rng=None) -> list[dict]:
+        """Training examples: the questions with at least one answer in the vocabulary."""
+        return [example for example in self.expand_eval(meta)
+                if any(answer in self.answer_index for answer in example["answers"])]
+
+    def expand_eval(self, meta: dict, rng=None) -> list[dict]:
+        """Evaluation examples: every question (test-dev / test-std ones have no answers)."""
         return [{"text": q["question"], "question_id": q["question_id"], "answers": dict(q.get("answers") or {})}
                 for q in meta.get("questions") or [] if q.get("question")]
 
@@ -111,7 +121,7 @@ class VQATask(FinetuneTask):
             best = logits.argmax(-1)
             score = targets.gather(1, best[:, None]).mean()
         return {"loss": loss, "acc_vqa_score": score, "batch_size": logits.shape[0],
-                "tokens": int(batch["attention_mask"].sum())}
+                "tokens": batch["attention_mask"].sum()}
 
     def eval_batch(self, batch: dict) -> list[dict]:
         best = self.logits(batch).argmax(-1).tolist()

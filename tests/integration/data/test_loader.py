@@ -259,7 +259,10 @@ def test_pretrain_task_builds_its_loaders(data, tmp_path):
     assert loader.spec.weights == [1.0, 1.0] and len(loader.spec.shards) == 2
     batch = next(iter(loader))
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels",
-                          "itm_image_index", "itm_labels", "image_ids"}
+                          "mlm_positions", "mlm_targets", "itm_image_index", "itm_labels", "image_ids"}
+    picked = batch["mlm_labels"] != -100
+    assert torch.equal(batch["mlm_targets"], batch["mlm_labels"][picked])
+    assert torch.equal(batch["mlm_input_ids"].flatten()[batch["mlm_positions"]], batch["mlm_input_ids"][picked])
     assert batch["pixel_values"].shape == (6, 3, SIZE, SIZE) and batch["input_ids"].shape == (6, 20)
     assert batch["itm_labels"].sum() == 3
     loader.close()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from managertower.config import load_config
+from managertower.data.collate import mlm_selection
 from managertower.tasks.pretrain import PretrainTask
 
 
@@ -30,7 +31,8 @@ def _batch(task, size=6, length=12, seed=0):
     index = torch.tensor([0, 2, 2, 3, 1, 5])
     return {"pixel_values": torch.randn(size, 3, 64, 64, generator=generator), "input_ids": ids,
             "attention_mask": mask, "mlm_input_ids": masked, "mlm_labels": labels, "itm_image_index": index,
-            "itm_labels": (index == torch.arange(size)).long()}
+            "itm_labels": (index == torch.arange(size)).long(),
+            **dict(zip(("mlm_positions", "mlm_targets"), mlm_selection(labels)))}
 
 
 def test_one_vision_pass_equals_the_two_pass_step(task):
