@@ -1,29 +1,58 @@
-"""The one training loop: DeepSpeed around a task, exact resume, logging, evaluation, pre-emption.
+"""The one training loop: DeepSpeed around a task, exact resume, logging, evaluation, stopping on signals.
 
 Pre-training and every fine-tuning task run through `Trainer(cfg, task).fit()`, which reads as
 restore -> repeat (one optimizer step -> log / evaluate / save) -> finish. The task decides what is trained
 (its data, objective, step count and metrics; see managertower/tasks/base.py); the loop decides nothing of that.
 
-Resume (checkpoint.resume=auto): the newest complete checkpoint under RUN/checkpoints is restored with its
-optimizer, schedule, step, RNG states and each rank's data-loader position, so the run continues exactly
-where it stopped. If the world size changed, the fp32 weights are loaded and the optimizer restarts (the log
-says so): ZeRO partitions do not map onto a different number of ranks.
+The run folder: rank 0 holds a lock on RUN/.lock for the whole run (`_RunLock`), so a second run on the same
+run.dir fails at once with one line naming the holder (host, pid, start time) instead of interleaving its
+checkpoints and logs with the first one's.
 
-Pre-emption: SIGTERM or SIGUSR1 (SLURM's warning signal) makes every rank stop at the next step boundary,
-save a checkpoint and exit 0 with `preempted` in the summary; the job is requeued and resumes.
+Resume (checkpoint.resume=auto): the newest intact checkpoint under RUN/checkpoints is restored with its
+optimizer, schedule, step, RNG states, each rank's data-loader position and logging window, so the run
+continues exactly where it stopped (metrics.jsonl reads as if it had not). A checkpoint whose files no longer
+match its completion record is reported and passed over (managertower/engine/checkpoint.py). If the world
+size changed, the fp32 weights are loaded and the optimizer restarts (the log says so): ZeRO partitions do not
+map onto a different number of ranks. The config is compared with the one the checkpoint was written with:
+how long the run goes and how it logs, evaluates and saves may change (RESUMABLE_CHANGES, applied and
+logged); anything else (the optimizer's hyper-parameters, the data, the model) was fixed when the checkpoint
+was written and would not apply, so any such change is one error listing them; config.yaml never claims a
+setting the run does not use.
+
+Stopping on signals (the handlers are installed for the run and given back after it; `_StopFlag`):
+    SIGUSR1          requeue: SLURM's warning before the time limit (`#SBATCH --signal=B:USR1@180`, passed to the
+                     ranks by cluster.signal_ranks; cluster/README.md). Every rank stops at the next step
+                     boundary, saves a checkpoint and returns a summary with `preempted`: the process exits 0
+                     and the job requeues itself.
+    SIGTERM, SIGINT  stop (scancel, scontrol requeue or preemption, Ctrl-C): the run does not finish, so the
+                     process never exits 0: it ends with RunInterrupted, a SystemExit with status 128 + the
+                     signal's number (143, 130). If the ranks reach a step boundary within MT_STOP_GRACE_S
+                     seconds (default 15) they save a checkpoint there first. If not (a loader waiting for data,
+                     a long evaluation, a rank waiting in a collective for one that is stuck), RunInterrupted is
+                     raised wherever the main thread is, without a checkpoint (the previous one stands); a
+                     process whose main thread does not come back to Python at all (blocked in C++) ends with
+                     os._exit HARD_EXIT_S seconds later. A second SIGTERM / SIGINT stops at once the same way, if
+                     it comes at least REPEAT_S after the first: the DeepSpeed launcher and SLURM pass their copy
+                     of one signal on within milliseconds, and that copy is not a second request.
+A SLURM job stopped by `scontrol requeue` or preemption is requeued whatever the exit status, and resumes.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import math
 import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from .. import dist
-from ..config import Config
+from ..config import Config, ConfigError
 from ..io import atomic_write_json
 from . import checkpoint as ckpt
 from .deepspeed_config import build_ds_config, effective_precision
@@ -46,33 +75,206 @@ def peak_flops() -> float | None:
     return None
 
 
+# --- stopping on signals -----------------------------------------------------------------------------------------
+STOP_GRACE_S = 15.0  # default of MT_STOP_GRACE_S: seconds a SIGTERM / SIGINT waits for a step boundary
+REPEAT_S = 1.0  # a SIGTERM / SIGINT this soon after the first is the launcher's copy of it, not a second request
+HARD_EXIT_S = 5.0  # after a stop at once, seconds before os._exit ends a process blocked outside Python
+
+
+class RunInterrupted(SystemExit):
+    """SIGTERM / SIGINT ended the run before its last step: the process exits with 128 + the signal's number
+    (143 for SIGTERM, 130 for SIGINT), as a shell reports a process ended by that signal, so that nothing takes
+    the run for finished. A SystemExit: the doors let it through and Python prints no traceback."""
+
+    def __init__(self, signum: int, reason: str):
+        super().__init__(128 + signum)
+        self.signum, self.reason = signum, reason
+
+
+def _say(text: str) -> None:
+    """A line on stderr from rank 0, written with os.write: safe inside a signal handler or a timer thread."""
+    if dist.is_main():
+        os.write(2, (text + "\n").encode())
+
+
+def _grace_seconds() -> float:
+    text = os.environ.get("MT_STOP_GRACE_S")
+    if text is None:
+        return STOP_GRACE_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ConfigError(f"MT_STOP_GRACE_S={text!r} is not a number of seconds >= 0 (unset it for "
+                          f"{STOP_GRACE_S:g})")
+    return seconds
+
+
 class _StopFlag:
-    """Set by SIGTERM / SIGUSR1; the loop checks it (agreed across ranks) at each step boundary."""
+    """What SIGUSR1 / SIGTERM / SIGINT asked for. The loop agrees on it across ranks at each step boundary
+    (`agreed`); a SIGTERM / SIGINT that finds no boundary within `grace_s`, or a second one, stops the run where
+    it is (the module docstring has the whole protocol)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    REQUEUE = signal.SIGUSR1
+    INTERRUPT = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.raised = False
-        self.signal_name = ""
+    def __init__(self, grace_s: float | None = None, hard_exit_s: float | None = HARD_EXIT_S):
+        self.grace_s = _grace_seconds() if grace_s is None else grace_s
+        self.hard_exit_s = hard_exit_s  # None: never os._exit (in-process tests of the handler)
+        self.requeue = False
+        self.interrupt = 0  # the number of the first SIGTERM / SIGINT (0: none)
+        self.first_at = 0.0
+        self.expired = False  # no step boundary came within grace_s
+        self.holding = False  # the boundary came: the checkpoint is being saved, the grace timer is off
+        self._timer: threading.Timer | None = None
+        self._hard_exit: threading.Thread | None = None
         self.previous = {}
-        for sig in self.SIGNALS:
+        for sig in (self.REQUEUE, *self.INTERRUPT):
             try:
                 self.previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (tests calling in-process from a thread)
                 pass
 
-    def _handler(self, signum, frame):
-        self.raised = True
-        self.signal_name = signal.Signals(signum).name
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.interrupt).name if self.interrupt else (
+            self.REQUEUE.name if self.requeue else "")
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank got a signal: all ranks save the same step and stop together."""
-        return dist.all_reduce_max(1.0 if self.raised else 0.0) > 0
+    def _handler(self, signum, frame):
+        if signum == self.REQUEUE:
+            self.requeue = True
+            return
+        name = signal.Signals(signum).name
+        if not self.interrupt:
+            self.interrupt, self.first_at = signum, time.monotonic()
+            _say(f"{name} received: stopping at the next step boundary with a checkpoint, or in {self.grace_s:g} s "
+                 f"without one; {name} again stops at once")
+            self._timer = threading.Timer(self.grace_s, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+            return
+        if self.expired:
+            self.stop_now(f"no step boundary within {self.grace_s:g} s of {self.signal_name}: stopping without a "
+                          "checkpoint (the previous one stands)")
+        if time.monotonic() - self.first_at >= REPEAT_S:
+            self.stop_now(f"{name} again: stopping at once without a checkpoint (the previous one stands)")
+        # else: a launcher's copy of the first signal, which is already being acted on
+
+    def _expire(self) -> None:
+        """The grace timer (its own thread): no step boundary came in time; the main thread is told to stop."""
+        if self.holding:
+            return
+        self.expired = True
+        self._arm_hard_exit()
+        try:  # the handler runs (and raises) in the main thread as soon as that runs Python again
+            signal.pthread_kill(threading.main_thread().ident, self.interrupt)
+        except (OSError, ValueError):
+            pass
+
+    def _arm_hard_exit(self) -> None:
+        if self.hard_exit_s is None or self._hard_exit is not None:
+            return
+        code, rank = 128 + self.interrupt, dist.rank()
+
+        def hard_exit() -> None:
+            time.sleep(self.hard_exit_s)
+            os.write(2, f"rank {rank}: still running {self.hard_exit_s:g} s after being told to stop (blocked outside "
+                        f"Python): exiting now with status {code}\n".encode())
+            os._exit(code)
+
+        self._hard_exit = threading.Thread(target=hard_exit, name="managertower-stop", daemon=True)
+        self._hard_exit.start()
+
+    def stop_now(self, reason: str) -> None:
+        """End the run here: RunInterrupted, and os._exit HARD_EXIT_S later if the process has not ended by then."""
+        _say(reason)
+        self._arm_hard_exit()
+        raise RunInterrupted(self.interrupt, reason)
+
+    def agreed(self) -> int:
+        """At a step boundary, on every rank: 0 (carry on), SIGUSR1 (save and return: requeue) or the SIGTERM /
+        SIGINT any rank got (save and stop), the same on every rank; interrupts outrank a requeue."""
+        mine = 100 + self.interrupt if self.interrupt else (1 if self.requeue else 0)
+        agreed = int(dist.all_reduce_max(float(mine)))
+        if agreed >= 100:
+            self.interrupt = self.interrupt or agreed - 100  # a rank the signal did not reach stops the same way
+            return agreed - 100
+        return self.REQUEUE if agreed else 0
+
+    def hold(self) -> None:
+        """The step boundary came in time: the checkpoint is saved whatever it takes (a second signal still stops
+        at once)."""
+        self.holding = True
+        if self._timer is not None:
+            self._timer.cancel()
 
     def restore(self) -> None:
         """Give the signals back to their previous handlers once the run is over (in-process callers)."""
+        if self._timer is not None:
+            self._timer.cancel()
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# --- the run folder's lock ----------------------------------------------------------------------------------------
+LOCK_FILE = ".lock"
+
+
+class RunFolderBusy(ConfigError):
+    """Another run holds RUN/.lock: a user error (two runs on one run.dir), one line naming the holder."""
+
+
+class _RunLock:
+    """RUN/.lock, held by rank 0 for the whole run, so that a second run on the same run.dir fails at once.
+
+    A POSIX record lock (fcntl.lockf) rather than flock: the kernel drops it when the holding process ends,
+    however it ends (SIGKILL included), and it is not inherited by the processes rank 0 forks (data-loader
+    workers), which would keep a flock held after rank 0 died; NFS (lockd / v4) and Lustre (mounted with
+    -o flock) carry it to every node. Rank 0 alone holds it: the ranks of one run are one holder, and a second
+    run's rank 0 is enough to refuse the second run (every rank of it stops with the same error). The file says
+    who holds it (host, pid, start time); it is written in place, never replaced or deleted, since a new file
+    would be a second lock that nobody holds. Where the file system has no locks the run goes on, and says so.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+        self.note = ""
+
+    def acquire(self) -> "_RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                raise RunFolderBusy(f"run.dir {self.path.parent} is in use by another run ({_holder(holder)}; "
+                                    f"{self.path}): wait for it to end or stop it, or give another run.dir") from None
+            self.note = (f"cannot lock {self.path} ({error.strerror}): this file system has no locks, so nothing "
+                         "stops a second run on the same run.dir")
+            return self
+        os.ftruncate(fd, 0)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock; the file stays (see the class docstring)
+            self.fd = None
+
+
+def _holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"host {holder['host']}, pid {holder['pid']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder not written yet"
 
 
 class _LogWindow:
@@ -98,6 +300,17 @@ class _LogWindow:
         self.samples += int(out.get("batch_size", micro_batch))
         self.tokens += int(out.get("tokens", 0))
 
+    def state_dict(self) -> dict:
+        """This rank's sums so far, for the checkpoint: the first window logged after a resume then holds the
+        micro-steps before the checkpoint too, as the uninterrupted run's does (and its time so far)."""
+        return {"sums": dict(self.sums), "micro_steps": self.micro_steps, "samples": self.samples,
+                "tokens": self.tokens, "elapsed_s": time.time() - self.started}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = {str(k): float(v) for k, v in state["sums"].items()}
+        self.micro_steps, self.samples, self.tokens = (int(state[k]) for k in ("micro_steps", "samples", "tokens"))
+        self.started = time.time() - float(state["elapsed_s"])
+
     def reduce(self) -> tuple[dict[str, float], float, float]:
         """(mean of each loss / accuracy, samples/s, tokens/s) over every rank; every rank calls this."""
         keys = sorted(self.sums)
@@ -110,6 +323,39 @@ class _LogWindow:
         return means, values[len(keys) + 1].item() / elapsed, values[len(keys) + 2].item() / elapsed
 
 
+# --- what a resumed run may change -------------------------------------------------------------------------------
+# Settings a resumed run takes from its new config: how long it runs and how it logs, evaluates and saves (and
+# activation checkpointing: memory, not results). Everything else was fixed when the checkpoint was written.
+RESUMABLE_CHANGES = ("train.steps", "task.epochs", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "checkpoint.every", "checkpoint.keep", "run.progress", "run.tensorboard", "run.name",
+                     "model.activation_checkpointing")
+# Where the run is and where it resumed from: expected to differ (a run folder moved, checkpoint.resume=PATH).
+NOT_COMPARED = ("run.dir", "checkpoint.resume")
+# After a world-size change only the weights carry over: the optimizer, schedule and data start from the config.
+FRESH_AFTER_RESIZE = ("train.", "data.")
+
+
+def _settings(config: dict) -> dict[str, str]:
+    """section.key -> the value as JSON (tuples and lists alike), for comparing two configs."""
+    return {f"{section}.{key}": json.dumps(value, sort_keys=True)
+            for section, values in config.items() if isinstance(values, dict) for key, value in values.items()}
+
+
+def resume_changes(saved: dict, current: dict, exact: bool) -> tuple[list[str], list[str]]:
+    """(applied, refused): the settings that differ between the config a checkpoint was written with (`saved`)
+    and this run's (`current`), as "key: saved -> new". Keys only one of them has (added or renamed since) are
+    not compared."""
+    old, new = _settings(saved), _settings(current)
+    applied, refused = [], []
+    for key in sorted(old.keys() & new.keys()):
+        if old[key] == new[key] or key in NOT_COMPARED:
+            continue
+        change = f"{key}: {old[key]} -> {new[key]}"
+        fresh = not exact and key.startswith(FRESH_AFTER_RESIZE)
+        (applied if key in RESUMABLE_CHANGES or fresh else refused).append(change)
+    return applied, refused
+
+
 def base_lr_group(optimizer: torch.optim.Optimizer) -> dict:
     """The parameter group at the recipe's base lr (lr_mult 1: the experts), whose lr is the one logged. The
     scheduler scales every group by the same factor, so it stands for all of them."""
@@ -120,20 +366,24 @@ def base_lr_group(optimizer: torch.optim.Optimizer) -> dict:
 
 
 class Trainer:
-    """Runs one task to its last step (or to a pre-emption signal) under DeepSpeed, on every rank."""
+    """Runs one task to its last step (or to a stopping signal) under DeepSpeed, on every rank."""
 
     def __init__(self, cfg: Config, task):
         self.cfg = cfg
         self.task = task
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.lock: _RunLock | None = None
+        self.logger: RunLogger | None = None
+        self.last_checkpoint: Path | None = None
 
     # ---------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Restore, then step -> log / evaluate / save until the last step or a pre-emption signal; finish."""
-        self._set_up()
+        """Restore, then step -> log / evaluate / save until the last step or a signal (SIGUSR1: save and return
+        the summary; SIGTERM / SIGINT: RunInterrupted, with a checkpoint if a step boundary came in time)."""
         stop = _StopFlag()
         try:
+            self._set_up()
             preempted, last_eval = False, {}
             while self.step < self.total_steps:
                 lr = self._optimizer_step()
@@ -141,42 +391,66 @@ class Trainer:
                     self._log(lr, picture=self._checkpoint_due())
                 if self._eval_due():
                     last_eval = self._evaluate()
-                stop_now = stop.agreed()
-                if self._checkpoint_due() or stop_now:
+                asked = stop.agreed()
+                if asked in _StopFlag.INTERRUPT:
+                    stop.hold()
+                if self._checkpoint_due() or asked:
                     self._save()
-                if stop_now:
+                if asked == _StopFlag.REQUEUE:
                     preempted = True
-                    self._note(f"{stop.signal_name or 'a signal'} received: checkpoint saved at step {self.step}, "
-                               "exiting for requeue")
+                    self._note(f"SIGUSR1 received: checkpoint saved at step {self.step}, exiting for requeue")
                     break
+                if asked:
+                    name = signal.Signals(asked).name
+                    self._note(f"{name} received: checkpoint saved at step {self.step}; stopping with exit status "
+                               f"{128 + asked} (the same command continues the run)")
+                    self._finish(True, last_eval)
+                    raise RunInterrupted(asked, f"{name}: stopped at step {self.step} with a checkpoint")
             if not preempted:
                 last_eval = self._evaluate() or last_eval
             return self._finish(preempted, last_eval)
+        except RunInterrupted:
+            raise
+        except Exception as error:
+            if stop.interrupt:  # e.g. a collective failing because another rank has already stopped
+                reason = f"{stop.signal_name}: stopped ({type(error).__name__} on the way out: {error})"
+                _say(reason.splitlines()[0] if reason.strip() else reason)
+                raise RunInterrupted(stop.interrupt, reason) from None
+            raise
         finally:
             stop.restore()
+            if self.logger is not None:
+                self.logger.close()
+            if self.lock is not None:
+                self.lock.release()
 
     # --- restore ---------------------------------------------------------------------------------------
     def _set_up(self) -> None:
-        """Start the process group and DeepSpeed around the task, and restore where the run starts: fresh (from
-        checkpoint.init_from's tower if set), an exact resume (same world size: optimizer, schedule, RNG and
-        data position), or the fp32 weights of a run on another world size with a fresh optimizer."""
+        """Start the process group, lock the run folder, start DeepSpeed around the task, and restore where the run
+        starts: fresh (from checkpoint.init_from's tower if set), an exact resume (same world size: optimizer,
+        schedule, RNG, data position and logging window), or the fp32 weights of a run on another world size
+        with a fresh optimizer."""
         cfg, task = self.cfg, self.task
         dist.init()
         self.rank, self.world, self.device = dist.rank(), dist.world_size(), dist.device()
+        notes = self._lock_run_folder()
         torch.manual_seed(cfg.train.seed + self.rank)
         ds_config, ds_path = build_ds_config(cfg.train, self.world)
         self.accum = ds_config["gradient_accumulation_steps"]
         self.total_steps = task.total_steps()
-        resume, meta, exact = self._resume_decision()
-        notes = [f"world size {self.world}, micro batch {cfg.train.micro_batch} x accumulation {self.accum} x "
-                 f"{self.world} ranks = global batch {cfg.train.global_batch}; {effective_precision(cfg.train)}, "
-                 f"ZeRO stage {ds_config['zero_optimization']['stage']} ({ds_path.name})"]
+        resume, meta, exact, resume_notes = self._resume_decision()
+        notes.append(f"world size {self.world}, micro batch {cfg.train.micro_batch} x accumulation {self.accum} x "
+                     f"{self.world} ranks = global batch {cfg.train.global_batch}; {effective_precision(cfg.train)}, "
+                     f"ZeRO stage {ds_config['zero_optimization']['stage']} ({ds_path.name})")
+        notes += resume_notes
         if not torch.cuda.is_available() and cfg.train.precision != "fp32":
             notes.append(f"train.precision={cfg.train.precision} needs CUDA: running fp32 on the CPU")
         notes += self._load_start_weights(resume, meta, exact)
         self._start_deepspeed(ds_config)
         self.step = int(meta["step"]) if resume else 0
         self.samples_seen = int(meta.get("samples_seen", 0)) if resume else 0
+        self.window = _LogWindow()
+        self.last_checkpoint = resume
         if exact:
             self._restore_exact(resume)
             notes.append(f"resumed from {resume} at step {self.step}")
@@ -193,21 +467,63 @@ class Trainer:
         self.flops_per_sample = task.train_flops_per_sample()
         self.peak_flops = peak_flops()
         self.batches = iter(self.loader)
-        self.window = _LogWindow()
         self.fit_started = time.time()
         self.engine.train()
 
-    def _resume_decision(self) -> tuple[Path | None, dict, bool]:
-        """(checkpoint to continue from or None, its meta.json, whether it resumes exactly: same world size)."""
-        resume = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
-        meta = ckpt.read_meta(resume) if resume else {}
-        return resume, meta, bool(resume) and meta.get("world_size") == self.world
+    def _lock_run_folder(self) -> list[str]:
+        """Rank 0 takes RUN/.lock; every rank stops with RunFolderBusy when another run holds it."""
+        busy = ""
+        if dist.is_main():
+            try:
+                self.lock = _RunLock(self.run_dir).acquire()
+            except RunFolderBusy as error:
+                busy = str(error)
+        if dist.all_reduce_max(1.0 if busy else 0.0) > 0:
+            raise RunFolderBusy(busy or f"run.dir {self.run_dir} is in use by another run (see "
+                                        f"{self.run_dir / LOCK_FILE})")
+        return [self.lock.note] if self.lock is not None and self.lock.note else []
+
+    def _resume_decision(self) -> tuple[Path | None, dict, bool, list[str]]:
+        """(checkpoint to continue from or None, its meta.json, whether it resumes exactly (same world size), log
+        notes). Rank 0 finds and checks the checkpoint (its files against its completion record, and the pickles
+        of one named by checkpoint.resume=PATH) and every rank takes its answer, errors included."""
+        found, report, error = None, [], None
+        if dist.is_main():
+            try:
+                found = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir, report)
+                if found is None and report:
+                    raise ckpt.DamagedCheckpoint(f"no intact checkpoint under {self.ckpt_dir}: {'; '.join(report)}. "
+                                                 "Move the damaged ones away to start over from an older one, or "
+                                                 "start this run over with checkpoint.resume=none")
+            except ConfigError as user_error:
+                error = (type(user_error), str(user_error))
+        found, report, error = dist.gather_objects(
+            [(str(found) if found else None, report, error)] if dist.is_main() else [])[0]
+        if error is not None:
+            raise error[0](error[1])
+        if found is None:
+            return None, {}, False, []
+        resume = Path(found)
+        meta = ckpt.read_meta(resume)
+        exact = meta.get("world_size") == self.world
+        notes = list(report)
+        applied, refused = resume_changes(meta.get("config") or {}, self.cfg.to_dict(), exact)
+        step = int(meta["step"])
+        if self.total_steps < step:
+            refused.append(f"the run would end at step {self.total_steps} (train.steps / task.epochs) but "
+                           f"{resume.name} is at step {step}")
+        if refused:
+            raise ConfigError(f"{resume} was written with settings a resumed run cannot change: {'; '.join(refused)}."
+                              " To train with them start a new run (another run.dir), or start this one over with "
+                              "checkpoint.resume=none (its checkpoints are then replaced)")
+        if applied:
+            notes.append("resuming with changed settings: " + ", ".join(applied))
+        return resume, meta, exact, notes
 
     def _load_start_weights(self, resume: Path | None, meta: dict, exact: bool) -> list[str]:
         """Weights loaded before DeepSpeed starts (an exact resume loads its own later); returns the log notes."""
         if resume and not exact:
-            state, _ = ckpt.load_weights_file(resume)
-            self.task.load_state_dict(state)
+            self.task.load_state_dict(ckpt.fp32_state_dict(resume))
             return [f"world size changed from {meta.get('world_size')} to {self.world}: resuming {resume.name} from "
                     "its fp32 weights with a fresh optimizer and data order (ZeRO partitions are per rank)"]
         init_from = self.cfg.checkpoint.init_from
@@ -230,12 +546,17 @@ class Trainer:
         self.loader = task.build_loader("train", self.rank, self.world, self.device)
 
     def _restore_exact(self, resume: Path) -> None:
-        """Optimizer, schedule and weights from DeepSpeed's files; this rank's data position and RNG states."""
+        """Optimizer, schedule and weights from DeepSpeed's files; this rank's data position, logging window and
+        RNG states from its rank file (read with weights_only). DeepSpeed's load_checkpoint unpickles its own
+        files with weights_only=False, out of our hands: a checkpoint from elsewhere (checkpoint.resume=PATH) had
+        its pickles checked first (checkpoint.check_pickles)."""
         self.engine.load_checkpoint(str(resume.parent), tag=resume.name, load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
         rank_state = ckpt.load_rank_state(resume)
         if rank_state is not None:
             self.loader.load_state_dict(rank_state["loader"])
+            if "log_window" in rank_state:  # checkpoints from before it was kept start an empty window
+                self.window.load_state_dict(rank_state["log_window"])
             ckpt.set_rng_state(rank_state["rng"])
 
     # --- step ------------------------------------------------------------------------------------------
@@ -244,6 +565,7 @@ class Trainer:
         last one). Returns the base lr this step used, read before the schedule moves on: DeepSpeed steps this
         optimizer (ZeRO wraps it) and the schedule sets the lrs of its groups."""
         lr = base_lr_group(self.optimizer)["lr"]
+        ckpt.fault_point("loader", self.step + 1)
         for _ in range(self.accum):
             batch = dist.batch_to_device(next(self.batches), self.device)
             out = self.engine(batch)
@@ -285,6 +607,7 @@ class Trainer:
         self.window.reset()
 
     def _evaluate(self) -> dict:
+        ckpt.fault_point("eval", self.step)
         self.engine.eval()
         with torch.no_grad():
             metrics = self.task.evaluate(self.rank, self.world, self.device)
@@ -296,9 +619,11 @@ class Trainer:
         return metrics
 
     def _save(self) -> None:
-        ckpt.save(self.engine, self.ckpt_dir, self.step,
-                  meta={"samples_seen": self.samples_seen, "task": self.task.name, "config": self.cfg.to_dict()},
-                  rank_state={"loader": self.loader.state_dict()}, keep=self.cfg.checkpoint.keep)
+        self.last_checkpoint = ckpt.save(
+            self.engine, self.ckpt_dir, self.step,
+            meta={"samples_seen": self.samples_seen, "task": self.task.name, "config": self.cfg.to_dict()},
+            rank_state={"loader": self.loader.state_dict(), "log_window": self.window.state_dict()},
+            keep=self.cfg.checkpoint.keep)
 
     def _note(self, text: str) -> None:
         """A line in the console log (rank 0), above the progress bar."""
@@ -310,7 +635,7 @@ class Trainer:
         self.logger.close()
         summary = {"task": self.task.name, "steps": self.step, "total_steps": self.total_steps,
                    "samples_seen": self.samples_seen, "wall_s": round(time.time() - self.fit_started, 1),
-                   "preempted": preempted, "checkpoint": str(ckpt.find_resume(self.ckpt_dir)), **last_eval}
+                   "preempted": preempted, "checkpoint": str(self.last_checkpoint), **last_eval}
         if dist.is_main():
             metrics_path = self.run_dir / "metrics.jsonl"
             if metrics_path.exists():
