@@ -82,6 +82,7 @@ def test_logged_lr_is_the_lr_the_optimizer_stepped_with(synthetic_world, tmp_pat
     assert logged[3] > logged[4]  # warm-up from 0 over 2 steps (released), then the linear decay
 
 
+@pytest.mark.slow  # two DeepSpeed runs in fresh processes, 1-1.5 min on two cores; the lr test above stays fast
 def test_a_signal_stops_at_the_step_boundary_with_a_checkpoint_and_the_run_resumes(synthetic_world, tmp_path,
                                                                                    capfd):
     run_dir = tmp_path / "run"
