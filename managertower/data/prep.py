@@ -413,6 +413,7 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
     reader = READERS[source](root, split, **options)
     scan = reader.scan()
     extras = reader.extra_files()
+    notes = reader.notes()
     split = reader.split
     if not scan.items:
         raise DataprepError(f"{source} {split}: the annotations under {reader.root or '--root'} list no samples "
@@ -470,6 +471,7 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
         "overwritten": [conflict.what for conflict in conflicts],
         "bad_lines": reader.bad_lines,  # the first few annotation lines --skip-bad-lines skipped
         "extras": sorted(extras),
+        "notes": notes,
         "elapsed_s": round(time.time() - started, 3),
     }
     with _folder_lock(out):
@@ -485,6 +487,8 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
         for conflict in conflicts:
             print(f"--overwrite: deleted {conflict.what}")
         print(format_summary([manifest], title=f"dataprep {source} {split} part {part_index}/{part_count}"))
+        for name, value in notes.items():
+            print(f"  {name}: {value}")
         if scan.skipped.get("bad_line"):
             print(f"  --skip-bad-lines: skipped {scan.skipped['bad_line']} malformed annotation line(s); the first: "
                   f"{reader.bad_lines[0]}")
@@ -793,7 +797,3 @@ def format_stats(merged: dict) -> str:
     if merged["missing_parts"]:
         text += f"\nunfinished parts: {', '.join(merged['missing_parts'])}"
     return text
-
-
-def command_line(argv: list[str] | None = None) -> str:
-    return " ".join(["python -m dataprep", *(argv if argv is not None else sys.argv[1:])])

@@ -273,6 +273,11 @@ class RawDataset:
     def items(self) -> Iterator[Item]:
         raise NotImplementedError
 
+    def notes(self) -> dict[str, Any]:
+        """Facts about this run's extra files for the run manifest and the summary (VQAv2: the answer
+        vocabulary's size)."""
+        return {}
+
     def extra_files(self) -> dict[str, Any]:
         """JSON files to write beside the shards, {name: content} (e.g. VQAv2's answer_vocab.json).
 
