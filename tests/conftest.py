@@ -85,11 +85,10 @@ def demo_pretrained(demo_shards, tmp_path_factory) -> Path:
     DeepSpeed launcher, 300 steps at global batch 64) on the demo world's COCO shards. Returns the run folder;
     its fp32 export is RUN/export/model_fp32.pt (what the demo's fine-tuning batch starts from)."""
     run_dir = tmp_path_factory.mktemp("demo_pretrain") / "run"
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(29600 + os.getpid() % 300), "--module", "pretrain",
-               "--config", str(REPO / "pretrain/configs/tiny.yaml"), f"run.dir={run_dir}",
-               f"data.train_shards=[{demo_shards}/coco/train-*.tar]", f"data.val_shards=[{demo_shards}/coco/test-*.tar]",
-               "run.progress=false"]
+    command = launcher_command("pretrain", [
+        "--config", str(REPO / "pretrain/configs/tiny.yaml"), f"run.dir={run_dir}",
+        f"data.train_shards=[{demo_shards}/coco/train-*.tar]", f"data.val_shards=[{demo_shards}/coco/test-*.tar]",
+        "run.progress=false"], ranks=2, master_port=29600 + os.getpid() % 300)
     result = subprocess.run(command, cwd=REPO, env=rank_env(2), capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     export = run_dir / "export" / "model_fp32.pt"
@@ -99,10 +98,17 @@ def demo_pretrained(demo_shards, tmp_path_factory) -> Path:
     return run_dir
 
 
+# managertower is imported inside the helpers: the environment above is set before anything imports it
 def rank_env(ranks: int = 2) -> dict:
-    from managertower.launch import rank_env as _rank_env
+    from managertower import launch
 
-    return _rank_env(ranks)
+    return launch.rank_env(ranks)
+
+
+def launcher_command(module: str, args: list[str], ranks: int, master_port: int) -> list[str]:
+    from managertower import launch
+
+    return launch.launcher_command(module, args, ranks, master_port=master_port)
 
 
 def wait_for(predicate, process, timeout: float) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, rank_env, wait_for
+from conftest import REPO, launcher_command, rank_env, wait_for
 
 # Real DeepSpeed runs (two ranks for most): minutes in all. Each run has its own subprocess timeout (600 s);
 # a test that kills, relaunches or pays for the reference run needs more than pytest.ini's default.
@@ -29,11 +29,8 @@ def pretrain_command(run_dir: Path, shards: Path, *overrides: str, ranks: int = 
     args = ["--config", str(REPO / "pretrain/configs/tiny.yaml"), f"run.dir={run_dir}",
             f"data.train_shards=[{shards}/coco/train-*.tar]", f"data.val_shards=[{shards}/coco/test-*.tar]",
             *COMMON, *overrides]
-    if ranks == 1:
-        return [sys.executable, "-m", "pretrain", *args]
     port = 29000 + (os.getpid() * 7 + len(str(run_dir))) % 900
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(port), "--module", "pretrain", *args]
+    return launcher_command("pretrain", args, ranks, master_port=port)
 
 
 def run(command: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
