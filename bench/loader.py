@@ -2,19 +2,26 @@
 
     python bench/loader.py                      # 400 photo-like 512x384 JPEGs, 288 px, 2 threads / 2 workers
     python bench/loader.py --images 2000 --threads 8 --batch 64
+    python bench/loader.py --device cuda --images 512 --threads 8     # + DALI's GPU ("mixed") decoding
 
 Both sides read the same JPEG bytes from local tar shards and produce float32 B x 3 x 288 x 288 batches,
-CLIP-normalised, on the CPU:
-  ours (dali):        build_loader(LoaderSpec(backend="dali")): fn.readers.webdataset -> fn.decoders.image -> fn.resize (ROI,
-                      bicubic) -> fn.crop_mirror_normalize, shards as dataprep writes them (KEY.jpg + KEY.json, .idx).
+CLIP-normalised, on the CPU (with --device cuda: on the GPU, every side's batches moved there as training
+would; ours decodes there):
+  ours (dali):        build_loader(LoaderSpec(backend="dali")): fn.readers.webdataset -> fn.decoders.image_slice
+                      -> fn.resize (ROI, bicubic) -> fn.crop_mirror_normalize, shards as dataprep writes them
+                      (KEY.jpg + KEY.json, .idx).
   peer (open_clip):   open_clip's training pipeline (open_clip/training/data.py get_wds_dataset, replicated here
                       since open_clip.training is not installed): SimpleShardList -> split_by_worker ->
                       tarfile_to_samples -> shuffle -> decode("pilrgb") -> open_clip.image_transform (Resize +
                       CenterCrop bicubic, ToTensor, Normalize) -> batched, through a WebLoader with N workers, over
                       img2dataset-style shards (KEY.jpg + KEY.txt + KEY.json).
   ours (webdataset):  build_loader(LoaderSpec(backend="webdataset")), for reference.
+  ours (dali, cuda):  --device cuda only: the same DALI pipeline with device="mixed" decoding (nvJPEG), resize and
+                      normalisation on the GPU; its first batch of an ordered pass is compared with the CPU path's
+                      (max and mean |difference| in 0-255 pixel levels: the two JPEG decoders round differently).
 Text is passed through untokenised on every side: this measures image loading. The figure is images/s over
-`--epochs` passes after one warm-up batch. Printed: a table and the DALI / open_clip ratio (the goal is >= 2).
+`--epochs` passes after one warm-up batch (with CUDA synchronised before the clock is read). Printed: a table and
+the DALI / open_clip ratio (the goal is >= 2).
 """
 from __future__ import annotations
 
@@ -107,11 +114,12 @@ def open_clip_loader(paths: list[str], size: int, batch: int, workers: int):
     return wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=workers > 0)
 
 
-def images_per_second(make_iter, images_wanted: int, pixels_of) -> tuple[float, float]:
-    """(images/s after the first batch, seconds to the first batch)."""
+def images_per_second(make_iter, images_wanted: int, pixels_of, sync=lambda: None) -> tuple[float, float]:
+    """(images/s after the first batch, seconds to the first batch); `sync` waits for queued GPU work."""
     start = time.perf_counter()
     iterator = make_iter()
     next(iterator)  # the first batch pays for start-up; timing starts after it
+    sync()
     warm = time.perf_counter()
     seen = 0
     while seen < images_wanted:
@@ -121,7 +129,21 @@ def images_per_second(make_iter, images_wanted: int, pixels_of) -> tuple[float, 
             iterator = make_iter()
             continue
         seen += pixels_of(batch).shape[0]
+    sync()
     return seen / (time.perf_counter() - warm), warm - start
+
+
+def pixel_difference(gpu: dict, cpu: dict) -> tuple[float, float]:
+    """(max, mean) |GPU - CPU| of two CLIP-normalised batches of the same images, in 0-255 pixel levels."""
+    import torch
+
+    from managertower.data.augment import CLIP_STD
+
+    if gpu["texts"] != cpu["texts"]:
+        raise RuntimeError("the GPU and CPU passes put different images in their first batch")
+    scale = torch.tensor(CLIP_STD).reshape(1, 3, 1, 1) * 255.0
+    levels = (gpu["pixel_values"].float().cpu() - cpu["pixel_values"].float()).abs() * scale
+    return float(levels.max()), float(levels.mean())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,12 +156,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-shard", type=int, default=100)
     parser.add_argument("--dir", default=None, help="where to write the shards (default: a temp folder)")
     parser.add_argument("--skip-ours-webdataset", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where batches go; cuda adds DALI's GPU decoding and its pixel difference to the CPU's")
     args = parser.parse_args(argv)
 
     import torch
 
     from managertower.data.loader import LoaderSpec, build_loader
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda, but torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}) sees "
+                     "no usable GPU: run on a GPU machine, or use --device cpu")
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     torch.set_num_threads(max(1, args.threads))
     root = args.dir or tempfile.mkdtemp(prefix="bench-loader-")
     started = time.perf_counter()
@@ -148,31 +176,47 @@ def main(argv: list[str] | None = None) -> dict:
           f"written in {time.perf_counter() - started:.1f}s under {root}")
     wanted = int(args.images * args.epochs)
 
-    def ours_iter(backend):
-        def make():
-            loader = build_loader(LoaderSpec(
-                [ours], backend=backend, batch_size=args.batch, image_size=args.size, rank=0, world_size=1, seed=0,
-                expand=lambda meta, rng: [{"text": meta["captions"][0]}],
-                collate=lambda examples, images: {"texts": [e["text"] for e in examples]},
-                train=True, num_threads=args.threads, shuffle_buffer=1000, device="cpu"))
-            return iter(loader)
-        return make
+    def ours_loader(backend, device, train=True):
+        return build_loader(LoaderSpec(
+            [ours], backend=backend, batch_size=args.batch, image_size=args.size, rank=0, world_size=1, seed=0,
+            expand=lambda meta, rng: [{"text": meta["captions"][0]}],
+            collate=lambda examples, images: {"texts": [e["text"] for e in examples]},
+            train=train, num_threads=args.threads, shuffle_buffer=1000, device=device))
 
-    results = {}
-    results["ours (dali, cpu)"] = images_per_second(ours_iter("dali"), wanted, lambda b: b["pixel_values"])
+    def ours_iter(backend, device):
+        return lambda: iter(ours_loader(backend, device))
+
+    def to_device(pixels):  # the peer's batches go where training would use them
+        return pixels.to(args.device, non_blocking=True)
+
+    results, extra = {}, {}
+    results["ours (dali, cpu)"] = images_per_second(ours_iter("dali", "cpu"), wanted, lambda b: b["pixel_values"])
+    if args.device == "cuda":
+        results["ours (dali, cuda)"] = images_per_second(ours_iter("dali", "cuda"), wanted,
+                                                         lambda b: b["pixel_values"], sync)
+        loaders = [ours_loader("dali", device, train=False) for device in ("cuda", "cpu")]
+        try:
+            extra["pixel_max_diff"], extra["pixel_mean_diff"] = pixel_difference(*(next(iter(x)) for x in loaders))
+        finally:
+            for loader in loaders:
+                loader.close()
     results["open_clip (webdataset + PIL)"] = images_per_second(
-        lambda: iter(open_clip_loader(peer, args.size, args.batch, args.threads)), wanted, lambda b: b[0])
+        lambda: iter(open_clip_loader(peer, args.size, args.batch, args.threads)), wanted, lambda b: to_device(b[0]),
+        sync)
     if not args.skip_ours_webdataset:
-        results["ours (webdataset + PIL)"] = images_per_second(ours_iter("webdataset"), wanted,
-                                                               lambda b: b["pixel_values"])
+        results["ours (webdataset + PIL)"] = images_per_second(ours_iter("webdataset", args.device), wanted,
+                                                               lambda b: b["pixel_values"], sync)
 
     print(f"\n{'pipeline':<32}{'images/s':>10}{'first batch s':>15}")
     for name, (rate, first) in results.items():
         print(f"{name:<32}{rate:>10.1f}{first:>15.2f}")
-    ratio = results["ours (dali, cpu)"][0] / results["open_clip (webdataset + PIL)"][0]
-    print(f"\nDALI / open_clip: {ratio:.2f}x  ({args.size} px, batch {args.batch}, {args.threads} threads/workers, "
-          f"{os.cpu_count()} cores; goal >= 2x)")
-    return {"ratio": ratio, **{k: v[0] for k, v in results.items()}}
+    ratio = results[f"ours (dali, {args.device})"][0] / results["open_clip (webdataset + PIL)"][0]
+    print(f"\nDALI ({args.device}) / open_clip: {ratio:.2f}x  ({args.size} px, batch {args.batch}, {args.threads} "
+          f"threads/workers, {os.cpu_count()} cores; goal >= 2x)")
+    if extra:
+        print(f"DALI cuda vs cpu decoding, first batch: max |difference| {extra['pixel_max_diff']:.1f}, mean "
+              f"{extra['pixel_mean_diff']:.2f} pixel levels (of 255)")
+    return {"ratio": ratio, **{k: v[0] for k, v in results.items()}, **extra}
 
 
 if __name__ == "__main__":
