@@ -13,6 +13,8 @@ Overrides are dotted recipe keys (`train.steps=10 data.train_shards=[a,b]`); `--
 `resume=auto` (the default) continues from the newest complete checkpoint in RUN/checkpoints.
 
     python -m pretrain export RUN_DIR [--out FILE]    # one fp32 file for fine-tuning (zero_to_fp32)
+    python -m pretrain export RUN_DIR --format hf --out DIR              # a weights folder (docs/weights.md)
+    python -m pretrain export RUN_DIR --format hf-bridgetower --out DIR  # transformers' BridgeTower folder
 """
 from __future__ import annotations
 
@@ -59,23 +61,33 @@ def run(cfg) -> int:
     return 0 if summary else 1
 
 
+EXPORT_DEFAULTS = {"fp32": "model_fp32.pt", "hf": "hf", "hf-bridgetower": "hf-bridgetower"}  # under RUN/export/
+
+
 def export(argv: list[str]) -> int:
     from pathlib import Path
 
     from managertower.engine import checkpoint as ckpt
+    from managertower.hf_export import export_run
 
-    parser = argparse.ArgumentParser(prog="python -m pretrain export",
-                                     description="Write one fp32 weights file from a run's newest checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain export",
+        description="Export a run's newest checkpoint: fp32 (default) one .pt file for fine-tuning; hf a weights "
+                    "folder (config.json, model.safetensors, tokenizer, model card; ManagerTower.from_pretrained "
+                    "reads it); hf-bridgetower a folder transformers' BridgeTowerForMaskedLM.from_pretrained reads "
+                    "(model.manager=bridgetower). docs/weights.md.")
     parser.add_argument("source", help="a run folder, its checkpoints/ folder, or a step-N folder")
-    parser.add_argument("--out", default=None, help="default: SOURCE/export/model_fp32.pt")
+    parser.add_argument("--format", choices=list(EXPORT_DEFAULTS), default="fp32")
+    parser.add_argument("--out", default=None, help="default: RUN/export/model_fp32.pt, RUN/export/hf or "
+                                                    "RUN/export/hf-bridgetower")
     args = parser.parse_args(argv)
     try:
         folder = ckpt.find_checkpoint(args.source)
-    except ckpt.CheckpointNotFound as err:
+        run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+        out = Path(args.out) if args.out else run_dir / "export" / EXPORT_DEFAULTS[args.format]
+        export_run(folder, out, args.format)
+    except USER_ERRORS as err:
         return user_error(err)
-    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
-    out = Path(args.out) if args.out else run_dir / "export" / "model_fp32.pt"
-    ckpt.export_fp32(folder, out)
     print(f"exported {folder} -> {out}")
     return 0
 

@@ -11,6 +11,7 @@ The stages are separate methods so that a pre-training step runs the vision expe
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,30 @@ class ManagerTower(nn.Module):
         text = self.project_text(self.encode_text(input_ids, attention_mask))
         image = self.project_image(self.encode_image(pixel_values), image_type)
         return self.fuse(text, attention_mask, image)
+
+    # --- weights folders --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder, **overrides) -> "ManagerTower":
+        """The tower of a weights folder (config.json + model.safetensors, docs/weights.md: what `python -m
+        pretrain export RUN --format hf` and `python -m doors.convert` write), in eval mode; the folder's tokenizer
+        becomes model.tokenizer. Reads JSON and safetensors only: nothing is unpickled. `overrides` are ModelConfig
+        fields (image_size=384 resizes the position embeddings as fine-tuning does; layer_norm="apex", ...)."""
+        from ..hf_export import WeightsFolderError, folder_model_config, read_folder, tower_state
+        from .experts import resize_pos_embed
+
+        state, config = read_folder(folder)
+        tower = cls(folder_model_config(config, folder, **overrides))
+        weights = tower_state(state)
+        pos_key = "vision_expert.visual.positional_embedding"
+        current = tower.vision_expert.visual.positional_embedding
+        if pos_key in weights and weights[pos_key].shape != current.shape:
+            weights[pos_key] = resize_pos_embed(weights[pos_key], int(math.isqrt(current.shape[0] - 1)))
+        missing, unexpected = tower.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise WeightsFolderError(f"{folder}'s model.safetensors does not fit its config.json ({len(missing)} tower "
+                                     f"tensors missing, {len(unexpected)} unexpected, e.g. "
+                                     f"{(missing or unexpected)[:2]})")
+        return tower.eval()
 
     # --- inspection -----------------------------------------------------------------------------------
     def manager_weights(self) -> dict[str, torch.Tensor]:
