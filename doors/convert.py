@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in done.notes:
         print(f"note: {note}")
     print("fine-tune from it with these overrides (they build the converted model):")
-    print(f"  --from {shlex.quote(str(done.out))} " + " ".join(shlex.quote(o) for o in done.finetune_overrides))
+    weights = done.out / "model.safetensors"
+    print(f"  --from {shlex.quote(str(weights))} " + " ".join(shlex.quote(o) for o in done.finetune_overrides))
     return 0
 
 

@@ -157,7 +157,7 @@ def model_card(config: dict, out: Path) -> str:
     lines += ["", "## Use", "", "```python", "from managertower.model import ManagerTower", "",
               f"tower = ManagerTower.from_pretrained({str(out)!r})   # eval mode; safetensors, no pickle", "```",
               "", "Fine-tuning from it (the recipe's model section must build this model; these overrides do):", "",
-              "```bash", f"python -m finetune --task TASK --from {out} \\",
+              "```bash", f"python -m finetune --task TASK --from {out / WEIGHTS_FILE} \\",
               "    " + " ".join(_shell_quote(o) for o in config["finetune_overrides"]), "```", "",
               "## Paper", "", PAPER, ""]
     return "\n".join(lines)

@@ -418,9 +418,15 @@ def export_fp32(path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
 
 
 def load_weights_file(source: str | os.PathLike) -> tuple[dict, dict | None]:
-    """(state_dict, config) from an exported .pt file or any folder holding a DeepSpeed checkpoint; either is
-    read without constructing pickled objects (UnsafeCheckpoint otherwise)."""
+    """(state_dict, config) from an exported .pt file, a weights folder (config.json + model.safetensors, or that
+    file: docs/weights.md; its config is {"model": ...}) or any folder holding a DeepSpeed checkpoint; each is read
+    without constructing pickled objects (UnsafeCheckpoint otherwise)."""
+    from ..hf_export import is_weights_folder, read_folder
+
     source = Path(source)
+    if is_weights_folder(source):  # safetensors and JSON: nothing to unpickle
+        state, config = read_folder(source)
+        return state, {"model": config["model"]}
     if source.is_file():
         blob = load_plain(source)
         if not isinstance(blob, dict):

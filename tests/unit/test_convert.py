@@ -574,7 +574,7 @@ def test_the_door_prints_the_overrides_and_one_line_errors(released, tmp_path, m
     ckpt = lightning_checkpoint(tmp_path / "mt.ckpt", state, HPARAMS, monkeypatch)
     assert main([str(ckpt), "--out", str(tmp_path / "out"), "--tokenizer-dir", str(tiny_tokenizer_dir(tmp_path))]) == 0
     printed = capsys.readouterr().out
-    assert "released-mt" in printed and "model.vision_config=" in printed and f"--from {tmp_path / 'out'}" in printed
+    assert "released-mt" in printed and "model.vision_config=" in printed and f"--from {tmp_path / 'out' / 'model.safetensors'}" in printed
     assert main([str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
@@ -595,6 +595,11 @@ def test_weights_folders_load_without_unpickling(released, tmp_path, monkeypatch
     assert tower.cfg.tokenizer == str(tmp_path / "out")
     state_read, config = read_folder(tmp_path / "out" / "model.safetensors")
     assert config["format"] == "managertower" and "model.text_proj.weight" in state_read
+    from managertower.engine.checkpoint import load_weights_file
+
+    for given in (tmp_path / "out", tmp_path / "out" / "model.safetensors"):  # --from / checkpoint.init_from
+        weights, run_config = load_weights_file(given)
+        assert run_config["model"]["manager"] == "aaue_fused" and weights.keys() == state_read.keys()
 
 
 class Payload:
