@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast install bench gpu-smoke clean
 
 # EXTRAS: the DALI build for the machine's CUDA major version (cu12 or cu13); its CPU pipelines need no GPU.
 EXTRAS ?= dev,cu12
@@ -33,6 +33,11 @@ bench: $(STAMP)
 	$(PY) bench/model_step.py
 	$(PY) bench/dataprep.py
 	$(PY) bench/loader.py
+
+# one GPU, offline (bench/README.md): the machine's torch plus .gpu_carry/, never .venv (install downloads);
+# results in runs/gpu_smoke (OUT=...)
+gpu-smoke:
+	bash bench/gpu_smoke.sh
 
 clean:
 	rm -rf runs .pytest_cache
