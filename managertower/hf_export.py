@@ -55,7 +55,7 @@ class WeightsFolderError(ConfigError):
 TEXT_ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
                     "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "bos_token_id",
-                    "eos_token_id", "position_embedding_type")
+                    "eos_token_id")
 
 
 def text_architecture(config) -> dict:
