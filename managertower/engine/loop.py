@@ -432,7 +432,7 @@ class Trainer:
         with a fresh optimizer."""
         cfg, task = self.cfg, self.task
         dist.init()
-        self.rank, self.world, self.device = dist.rank(), dist.world_size(), dist.device()
+        self.rank, self.world, self.device = dist.rank(), dist.world_size(), dist.device(self.cfg.train.device)
         notes = self._lock_run_folder()
         torch.manual_seed(cfg.train.seed + self.rank)
         ds_config, ds_path = build_ds_config(cfg.train, self.world)
@@ -572,6 +572,7 @@ class Trainer:
             self.engine.backward(out["loss"])
             self.engine.step()
             self.window.add(out, self.cfg.train.micro_batch)
+        self.task.after_optimizer_step()  # on every rank (the ITC temperature clamp; a collective under ZeRO)
         self.step += 1
         self.samples_seen += self.cfg.train.global_batch
         self.logger.advance()
