@@ -5,7 +5,7 @@ from. docs/weights.md has the mapping of every key.
     python -m doors.convert ManagerTower_pt_base.ckpt --out weights/mt-base --tokenizer-dir models/roberta-base
     python -m doors.convert ManagerTower_ft_vqa.ckpt --out weights/mt-vqa --tokenizer-dir models/roberta-base \\
         --vqa-labels released_label2ans.json --answer-vocab shards/vqav2/answer_vocab.json
-    python -m doors.convert hf/bridgetower-base-itm-mlm --out weights/bt-base --tokenizer-dir hf/bridgetower-base-itm-mlm
+    python -m doors.convert hf/bridgetower-base-itm-mlm --out weights/bt --tokenizer-dir hf/bridgetower-base-itm-mlm
 
 --format (released-mt, released-bt, hf-bridgetower) is detected from the keys when not given. The tokenizer
 folder is local (nothing is downloaded); its config.json, where it has one, states the text expert's heads and

@@ -120,8 +120,8 @@ def bridge_renames(prefix: str) -> list[Rename]:
     rules = []
     for side in ("text", "image"):
         rules += [Rename(f"model.{side}_managers.0.norm.", f"{prefix}cross_modal_{side}_layernorm."),
-                  Rename(f"model.{side}_managers.{{n}}.norm.", f"{prefix}cross_modal_{side}_link_tower.{{n}}.LayerNorm.",
-                         offset=1)]
+                  Rename(f"model.{side}_managers.{{n}}.norm.",
+                         f"{prefix}cross_modal_{side}_link_tower.{{n}}.LayerNorm.", offset=1)]
     return rules
 
 
@@ -619,14 +619,14 @@ def _hf_itc_image(ledger: _Ledger) -> None:
     """transformers' image ITC head projects the class token of `cross_modal_image_transform(ln_post(x)) + type row
     1`; ours projects ln_post(x) directly. Both are affine, so ours is their composition (exact up to rounding):
     W = W_itc W_proj, b = W_itc (b_proj + type_1) + b_itc."""
-    w_itc = ledger.get("itc_image_head.fc.weight").double()
-    b_itc = ledger.get("itc_image_head.fc.bias").double()
+    w_itc, b_itc = ledger.get("itc_image_head.fc.weight"), ledger.get("itc_image_head.fc.bias")
     w_proj = ledger.get(f"{HF_PREFIX}cross_modal_image_transform.weight")
     b_proj = ledger.get(f"{HF_PREFIX}cross_modal_image_transform.bias")
     types = ledger.get(f"{HF_PREFIX}token_type_embeddings.weight")
-    if w_proj is None or b_proj is None or types is None:
-        return
+    if any(t is None for t in (w_itc, b_itc, w_proj, b_proj, types)):
+        return  # the ledger names what is missing
     dtype = w_proj.dtype
+    w_itc, b_itc = w_itc.double(), b_itc.double()
     ledger.put("itc_head.image_proj.weight", (w_itc @ w_proj.double()).to(dtype), "itc_image_head.fc.weight")
     ledger.put("itc_head.image_proj.bias", (w_itc @ (b_proj.double() + types[1].double()) + b_itc).to(dtype),
                "itc_image_head.fc.bias")
@@ -799,7 +799,9 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, fmt: s
                       None)
     task = classifier or ("pretrain" if "mlm_head.decoder.weight" in out_dict else None)
     check_against_tower(out_dict, cfg, task, itc_dim)
-    extra_overrides = [] if itc_dim == 256 or "itc_head.text_proj.weight" not in out_dict else [f"task.itc_dim={itc_dim}"]
+    extra_overrides = []
+    if "itc_head.text_proj.weight" in out_dict and itc_dim != 256:  # 256: task.itc_dim's default
+        extra_overrides.append(f"task.itc_dim={itc_dim}")
     out = Path(out)
     if task == "vqav2":
         from .io import atomic_write_json

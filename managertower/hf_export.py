@@ -149,7 +149,8 @@ def model_card(config: dict, out: Path) -> str:
              f"- manager kind: `{model['manager']}`; {model['num_experts']} uni-modal layers per expert, "
              f"{model['cross_layers']} cross-modal layers of width {model['hidden_size']}, images of "
              f"{model['image_size']} px",
-             f"- task: {config.get('task') or 'none named'}; heads: {', '.join(config['heads']) or 'none (tower only)'}",
+             f"- task: {config.get('task') or 'none named'}; heads: "
+             f"{', '.join(config['heads']) or 'none (tower only)'}",
              f"- steps: {config['step'] if config.get('step') is not None else 'unknown'}",
              f"- data: {', '.join(config.get('data') or []) or 'not recorded'}"]
     if config.get("origin"):
@@ -361,8 +362,8 @@ def export_bridgetower(state_dict: dict, model: ModelConfig, out: str | os.PathL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not any(key.startswith("mlm_score.") for key in tensors):
-        config.architectures = ["BridgeTowerForImageAndTextRetrieval" if any(k.startswith("itm_score.") for k in tensors)
-                                else "BridgeTowerModel"]
+        has_itm = any(key.startswith("itm_score.") for key in tensors)
+        config.architectures = ["BridgeTowerForImageAndTextRetrieval" if has_itm else "BridgeTowerModel"]
     tensors = {key: value.float().contiguous().clone() if value.is_floating_point() else value.contiguous().clone()
                for key, value in tensors.items()}
     config.save_pretrained(str(out))

@@ -198,6 +198,32 @@ def test_hf_bridgetower_export_loads_in_transformers_with_our_logits(hf, tmp_pat
                                    head(ITMHead, state, "itm_head.", 64)(ours.cls_feats), **TOL)
 
 
+def test_a_bridgetower_model_folder_with_one_shared_link_tower(tmp_path):
+    """A bare BridgeTowerModel (no `bridgetower.` prefix, no head), one link tower shared by every layer, its
+    weights in an older folder's pytorch_model.bin (read with weights_only)."""
+    from transformers import BridgeTowerModel
+
+    config = hf_config()
+    config.share_link_tower_layers = True
+    model = redraw(BridgeTowerModel(config), 13)
+    model.config.save_pretrained(str(tmp_path / "hf"))
+    torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    done = convert_checkpoint(tmp_path / "hf", tmp_path / "out")
+    assert done.task is None and not any(k.startswith(("mlm_head.", "itm_head.")) for k in read_folder(
+        tmp_path / "out")[0])
+    # transformers' forward indexes the link towers, which fails for its own shared one: hand it a list of it
+    for side in ("text", "image"):
+        shared = getattr(model, f"cross_modal_{side}_link_tower")
+        setattr(model, f"cross_modal_{side}_link_tower", nn.ModuleList([shared] * (config.num_hidden_layers - 1)))
+    model.double().eval()
+    released_eps(model)
+    ids, mask = text_inputs(99, pad=1, bos=0, eos=2)
+    with torch.no_grad():
+        ours = ManagerTower.from_pretrained(tmp_path / "out").double()(ids, mask, pixels(32))
+        torch.testing.assert_close(ours.cls_feats, model(input_ids=ids, attention_mask=mask,
+                                                         pixel_values=pixels(32)).pooler_output, **TOL)
+
+
 # --- runs exported through the door -----------------------------------------------------------------------------
 def fake_run(root: Path, model_cfg, state: dict, step: int = 3) -> Path:
     """A run folder holding one complete stage-0 checkpoint of `state` (what DeepSpeed writes without ZeRO
@@ -574,7 +600,8 @@ def test_the_door_prints_the_overrides_and_one_line_errors(released, tmp_path, m
     ckpt = lightning_checkpoint(tmp_path / "mt.ckpt", state, HPARAMS, monkeypatch)
     assert main([str(ckpt), "--out", str(tmp_path / "out"), "--tokenizer-dir", str(tiny_tokenizer_dir(tmp_path))]) == 0
     printed = capsys.readouterr().out
-    assert "released-mt" in printed and "model.vision_config=" in printed and f"--from {tmp_path / 'out' / 'model.safetensors'}" in printed
+    assert "released-mt" in printed and "model.vision_config=" in printed
+    assert f"--from {tmp_path / 'out' / 'model.safetensors'}" in printed
     assert main([str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
