@@ -249,6 +249,9 @@ def test_pretrain_export_formats(hf, tmp_path, capsys):
     root, models, _ = hf
     state, config = read_folder(root / "ours-mlm")
     run = fake_run(tmp_path / "run", folder_model_config(config, root / "ours-mlm"), state)
+    assert main(["export", str(run)]) == 0  # the default stays one fp32 file
+    blob = torch.load(run / "export" / "model_fp32.pt", weights_only=True)
+    assert blob["step"] == 3 and all(torch.equal(blob["state_dict"][k], v) for k, v in state.items())
     assert main(["export", str(run), "--format", "hf"]) == 0
     folder = run / "export" / "hf"
     card = (folder / "README.md").read_text()
