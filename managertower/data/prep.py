@@ -424,20 +424,7 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
     fingerprint = _plan_fingerprint(source, split, plan, settings)
     own = [index for index in range(len(plan)) if index % part_count == part_index]
 
-    conflicts = _out_conflicts(out, source, split, fingerprint, settings, len(plan), own)
-    if conflicts and not overwrite:
-        raise OutputConflictError(_conflict_message(out, source, split, conflicts, resume))
-    for path in sorted({path for conflict in conflicts for path in conflict.paths}):
-        if os.path.exists(path):
-            os.remove(path)
-    os.makedirs(out, exist_ok=True)
-    _remove_stale_outputs(out, split, len(plan), own)
-    kept = {}
-    if resume:
-        for index in own:
-            result = _kept_shard(out, split, index, fingerprint)
-            if result is not None:
-                kept[index] = result
+    conflicts, kept = _prepare_output(out, source, split, fingerprint, settings, len(plan), own, overwrite, resume)
     tasks = [ShardTask(out, split, index, plan[index], max_image_side, quality, fingerprint)
              for index in own if index not in kept]
     total_items = sum(len(plan[index]) for index in own)
@@ -474,6 +461,39 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
         "notes": notes,
         "elapsed_s": round(time.time() - started, 3),
     }
+    merged = _publish(out, split, part_count, manifest, extras)
+    if summary:
+        for conflict in conflicts:
+            print(f"--overwrite: deleted {conflict.what}")
+        _print_summary(manifest, merged, scan.skipped.get("bad_line", 0))
+    return manifest
+
+
+def _prepare_output(out: str, source: str, split: str, fingerprint: str, settings: dict, planned_shards: int,
+                    own: list[int], overwrite: bool, resume: bool) -> tuple[list["_Conflict"], dict[int, ShardResult]]:
+    """Make OUT ready for this part: refuse (or, with `overwrite`, delete) what it must not replace, drop this
+    plan's stale files, and with `resume` keep the shards already done. Returns (conflicts deleted, kept)."""
+    conflicts = _out_conflicts(out, source, split, fingerprint, settings, planned_shards, own)
+    if conflicts and not overwrite:
+        raise OutputConflictError(_conflict_message(out, source, split, conflicts, resume))
+    for path in sorted({path for conflict in conflicts for path in conflict.paths}):
+        if os.path.exists(path):
+            os.remove(path)
+    os.makedirs(out, exist_ok=True)
+    _remove_stale_outputs(out, split, planned_shards, own)
+    kept = {}
+    if resume:
+        for index in own:
+            result = _kept_shard(out, split, index, fingerprint)
+            if result is not None:
+                kept[index] = result
+    return conflicts, kept
+
+
+def _publish(out: str, split: str, part_count: int, manifest: dict, extras: dict) -> dict:
+    """Write the reader's extra files and this part's run manifest, then merge every part's into manifest.json
+    (under the folder lock: parts finish concurrently). Returns the merged manifest."""
+    part_index = manifest["part"][0]
     with _folder_lock(out):
         for name, content in extras.items():
             atomic_write_json(os.path.join(out, name), content, sort_keys=True)
@@ -482,20 +502,20 @@ def prepare(source: str, root: str | os.PathLike | None, out: str | os.PathLike,
         for stale in _in_folder(_state_path(out, "runs"), f"{glob.escape(split)}.part-*-of-*.json"):
             if not stale.endswith(f"-of-{part_count:04d}.json"):  # a previous run cut into a different N
                 os.remove(stale)
-        merged = write_merged_manifest(out)
-    if summary:
-        for conflict in conflicts:
-            print(f"--overwrite: deleted {conflict.what}")
-        print(format_summary([manifest], title=f"dataprep {source} {split} part {part_index}/{part_count}"))
-        for name, value in notes.items():
-            print(f"  {name}: {value}")
-        if scan.skipped.get("bad_line"):
-            print(f"  --skip-bad-lines: skipped {scan.skipped['bad_line']} malformed annotation line(s); the first: "
-                  f"{reader.bad_lines[0]}")
-        if part_count > 1 and not merged["complete"]:
-            print(f"  {len(merged['missing_parts'])} part(s) of this folder still to run; manifest.json "
-                  "is merged again when each part finishes")
-    return manifest
+        return write_merged_manifest(out)
+
+
+def _print_summary(manifest: dict, merged: dict, bad_lines: int) -> None:
+    (part_index, part_count), source, split = manifest["part"], manifest["source"], manifest["split"]
+    print(format_summary([manifest], title=f"dataprep {source} {split} part {part_index}/{part_count}"))
+    for name, value in manifest["notes"].items():
+        print(f"  {name}: {value}")
+    if bad_lines:
+        print(f"  --skip-bad-lines: skipped {bad_lines} malformed annotation line(s); the first: "
+              f"{manifest['bad_lines'][0]}")
+    if part_count > 1 and not merged["complete"]:
+        print(f"  {len(merged['missing_parts'])} part(s) of this folder still to run; manifest.json "
+              "is merged again when each part finishes")
 
 
 # ---------------------------------------------------------------------------------------------------------
