@@ -15,9 +15,10 @@ match its completion record is reported and passed over (managertower/engine/che
 size changed, the fp32 weights are loaded and the optimizer restarts (the log says so): ZeRO partitions do not
 map onto a different number of ranks. The config is compared with the one the checkpoint was written with:
 how long the run goes and how it logs, evaluates and saves may change (RESUMABLE_CHANGES, applied and
-logged); anything else (the optimizer's hyper-parameters, the data, the model) was fixed when the checkpoint
-was written and would not apply, so any such change is one error listing them; config.yaml never claims a
-setting the run does not use.
+logged; after a world-size change the train.* and data.* settings too, since the optimizer, schedule and data
+start afresh); anything else (the optimizer's hyper-parameters, the data, the model) was fixed when the
+checkpoint was written and would not apply, so any such change is one error listing them (key: saved -> new)
+before anything starts, and config.yaml never claims a setting the run does not use.
 
 Stopping on signals (the handlers are installed for the run and given back after it; `_StopFlag`):
     SIGUSR1          requeue: SLURM's warning before the time limit (`#SBATCH --signal=B:USR1@180`, passed to the
@@ -127,6 +128,7 @@ class _StopFlag:
         self.first_at = 0.0
         self.expired = False  # no step boundary came within grace_s
         self.holding = False  # the boundary came: the checkpoint is being saved, the grace timer is off
+        self.stopped = False  # RunInterrupted raised: the process is on its way out
         self._timer: threading.Timer | None = None
         self._hard_exit: threading.Thread | None = None
         self.previous = {}
@@ -146,6 +148,8 @@ class _StopFlag:
             self.requeue = True
             return
         name = signal.Signals(signum).name
+        if self.stopped:
+            return  # already on its way out (os._exit HARD_EXIT_S after the stop, whatever happens)
         if not self.interrupt:
             self.interrupt, self.first_at = signum, time.monotonic()
             _say(f"{name} received: stopping at the next step boundary with a checkpoint, or in {self.grace_s:g} s "
@@ -189,6 +193,7 @@ class _StopFlag:
     def stop_now(self, reason: str) -> None:
         """End the run here: RunInterrupted, and os._exit HARD_EXIT_S later if the process has not ended by then."""
         _say(reason)
+        self.stopped = True
         self._arm_hard_exit()
         raise RunInterrupted(self.interrupt, reason)
 
@@ -530,7 +535,10 @@ class Trainer:
         if not resume and init_from:
             state, _ = ckpt.load_weights_file(init_from)
             missing = self.task.load_tower_weights(state, init_from)
-            return [f"initialised the tower from {init_from}; the task's heads start new"
+            heads = self.task.heads_from_checkpoint
+            return [f"initialised the tower from {init_from}"
+                    + (f", with its {', '.join(heads)}; the task's other heads start new" if heads else
+                       "; the task's heads start new")
                     + (f", and {len(missing)} tower tensors the checkpoint lacks" if missing else "")]
         return []
 
