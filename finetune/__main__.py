@@ -49,11 +49,13 @@ def build_config(task: str | None, config: str | None, init_from: str | None, ov
     if init_from is not None:
         if not os.path.exists(init_from):
             raise ConfigError(f"--from {init_from!r} does not exist: give a pre-training run folder, a step-N "
-                              "folder or an exported .pt file")
-        if os.path.isdir(init_from):  # a folder without a complete checkpoint fails here, before DeepSpeed starts
+                              "folder, an exported .pt file or a weights folder (docs/weights.md)")
+        from managertower.hf_export import is_weights_folder
+
+        if os.path.isdir(init_from) and not is_weights_folder(init_from):
             from managertower.engine.checkpoint import find_checkpoint
 
-            find_checkpoint(init_from)
+            find_checkpoint(init_from)  # a folder without a complete checkpoint fails here, before DeepSpeed starts
         head.append(f"checkpoint.init_from={init_from}")
     cfg = load_config(config, head + list(overrides))
     if cfg.task.name not in TASK_NAMES:

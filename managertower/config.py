@@ -321,7 +321,8 @@ class CheckpointConfig:
     every: int = 1000  # steps; a final checkpoint is always written
     keep: int = 3  # the newest M complete checkpoints are kept
     resume: str = "auto"  # auto: newest complete checkpoint under run.dir, if any; "none"; or a path
-    init_from: str | None = None  # weights only (fine-tuning): a DeepSpeed folder or an exported .pt
+    # weights only (fine-tuning): a DeepSpeed folder, an exported .pt, or a weights folder (docs/weights.md)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint.every", self.every)

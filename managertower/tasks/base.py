@@ -59,6 +59,10 @@ BASE_LR_SUFFIXES = (".learned_temperature",)
 class Task(nn.Module):
     name = "task"
     head_prefixes: tuple[str, ...] = ()  # parameters trained at task.head_lr_mult (fine-tuning heads)
+    # heads that start from a checkpoint's when it holds them whole (checkpoint.init_from / --from): the
+    # pre-training heads, retrieval's ITM and ITC heads, a fine-tuned checkpoint's own classifier
+    checkpoint_heads: tuple[str, ...] = ()
+    heads_from_checkpoint: list[str] = []
     head_lr_mult: float = 1.0
     images: tuple[str, ...] = (PRIMARY_IMAGE,)  # the image members of a shard sample this task reads
     # Training augmentation (released albef_randaug_wc): horizontal flips and RandomAugment's colour ops; VQA
@@ -133,7 +137,8 @@ class Task(nn.Module):
     # --- weights ------------------------------------------------------------------------------------------
     def load_tower_weights(self, state_dict: dict, source: str = "") -> list[str]:
         """Load a pre-trained tower (keys `model.*` of a task checkpoint, or bare tower keys), resizing the
-        vision position embeddings to this task's resolution. Returns the keys left at their new init."""
+        vision position embeddings to this task's resolution, and each head of `checkpoint_heads` the checkpoint
+        holds whole (`heads_from_checkpoint` names them). Returns the tower keys left at their new init."""
         prefix = "model."
         tower = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)} or dict(state_dict)
         pos_key = "vision_expert.visual.positional_embedding"
@@ -146,4 +151,17 @@ class Task(nn.Module):
         if unexpected:
             raise ValueError(f"checkpoint {source} does not fit this model ({len(unexpected)} unexpected keys, "
                              f"e.g. {unexpected[:3]}): check model.size / model.manager match the pre-training run")
+        self.heads_from_checkpoint = self._load_heads(state_dict)
         return missing
+
+    def _load_heads(self, state_dict: dict) -> list[str]:
+        """The heads of `checkpoint_heads` whose every tensor the checkpoint holds under the same name and shape,
+        loaded; a head it holds in part or in another shape (another task's classifier) starts new."""
+        own, loaded = self.state_dict(), []
+        for prefix in self.checkpoint_heads:
+            mine = {name: value for name, value in own.items() if name.startswith(prefix)}
+            if mine and all(name in state_dict and state_dict[name].shape == value.shape
+                            for name, value in mine.items()):
+                self.load_state_dict({name: state_dict[name] for name in mine}, strict=False)
+                loaded.append(prefix.rstrip("."))
+        return loaded

@@ -30,7 +30,7 @@ class NLVR2Task(ClassificationTask):
     name = "nlvr2"
     label_names = ("False", "True")
     id_key = "identifier"
-    head_prefixes = ("classifier.",)
+    head_prefixes = checkpoint_heads = ("classifier.",)
     default_head_lr_mult = 10.0
     images = (PRIMARY_IMAGE, SECOND_IMAGE)
 
@@ -46,9 +46,10 @@ class NLVR2Task(ClassificationTask):
 
     def load_tower_weights(self, state_dict: dict, source: str = "") -> list[str]:
         missing = super().load_tower_weights(state_dict, source)
-        with torch.no_grad():
-            types = self.model.type_embedding.weight
-            types[SECOND_IMAGE_TYPE] = types[IMAGE_TYPE]
+        if "classifier" not in self.heads_from_checkpoint:  # an NLVR2 checkpoint's own row 2 is kept
+            with torch.no_grad():
+                types = self.model.type_embedding.weight
+                types[SECOND_IMAGE_TYPE] = types[IMAGE_TYPE]
         return missing
 
     def logits(self, batch: dict) -> torch.Tensor:

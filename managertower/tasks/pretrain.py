@@ -34,6 +34,7 @@ class CaptionsCollator(Collator):
 
 class PretrainTask(Task):
     name = "pretrain"
+    checkpoint_heads = ("mlm_head.", "itm_head.", "itc_head.")  # continuing from converted or earlier weights
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

@@ -71,6 +71,7 @@ class EvalImagesCollator(Collator):
 class RetrievalTask(FinetuneTask):
     name = "retrieval"
     head_prefixes = ("itc_head.", "itm_head.")
+    checkpoint_heads = ("itm_head.", "itc_head.")
     default_head_lr_mult = 5.0
 
     def __init__(self, cfg: Config):
@@ -96,13 +97,6 @@ class RetrievalTask(FinetuneTask):
         if train:
             return RetrievalCollator(self.tokenizer, self.cfg.model.max_text_len)
         return EvalImagesCollator()
-
-    def load_tower_weights(self, state_dict: dict, source: str = "") -> list[str]:
-        missing = super().load_tower_weights(state_dict, source)
-        itm = {k[len("itm_head."):]: v for k, v in state_dict.items() if k.startswith("itm_head.")}
-        if itm and all(itm[k].shape == v.shape for k, v in self.itm_head.state_dict().items() if k in itm):
-            self.itm_head.load_state_dict(itm)
-        return missing
 
     # --- the objective --------------------------------------------------------------------------------------
     def itm_logits(self, text: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ class SNLIVETask(ClassificationTask):
     name = "snli_ve"
     label_names = LABELS
     id_key = "pair_id"
-    head_prefixes = ("classifier.",)
+    head_prefixes = checkpoint_heads = ("classifier.",)
     default_head_lr_mult = 10.0
 
     def __init__(self, cfg: Config):

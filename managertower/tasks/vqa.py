@@ -78,7 +78,7 @@ class VQACollator(TextCollator):
 
 class VQATask(FinetuneTask):
     name = "vqav2"
-    head_prefixes = ("classifier.",)
+    head_prefixes = checkpoint_heads = ("classifier.",)
     default_head_lr_mult = 50.0
     hflip = False  # released albef_randaug_wohf: no flip, no colour ops (questions name sides and colours)
     colour_ops = False

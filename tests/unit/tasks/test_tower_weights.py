@@ -35,3 +35,34 @@ def test_weights_from_a_pretrained_checkpoint(world, tmp_path):
     retrieval = build_task(tiny_config("flickr30k", world, tmp_path))
     retrieval.load_tower_weights(state)
     torch.testing.assert_close(retrieval.itm_head.fc.weight, state["itm_head.fc.weight"])
+
+
+def test_heads_a_checkpoint_holds_whole_start_from_it(world, tmp_path):
+    """Retrieval takes the pre-training ITM and ITC heads; a fine-tuned checkpoint's own classifier loads (an
+    NLVR2 one keeps its trained second-image row); another task's classifier (other shapes) starts new."""
+    from managertower.tasks.pretrain import PretrainTask
+
+    pre = PretrainTask(load_config(str(REPO / "pretrain/configs/tiny.yaml"), ["run.dir=" + str(tmp_path / "p")]))
+    retrieval = build_task(tiny_config("flickr30k", world, tmp_path))
+    retrieval.load_tower_weights(pre.state_dict())
+    assert retrieval.heads_from_checkpoint == ["itm_head"]  # the demo's ITC head is 256 wide, retrieval's 32
+    pre = PretrainTask(load_config(str(REPO / "pretrain/configs/tiny.yaml"), ["run.dir=" + str(tmp_path / "p"),
+                                                                              "task.itc_dim=32"]))
+    retrieval.load_tower_weights(pre.state_dict())
+    assert retrieval.heads_from_checkpoint == ["itm_head", "itc_head"]
+    torch.testing.assert_close(retrieval.itc_head.text_proj.weight, pre.itc_head.text_proj.weight)
+
+    trained = build_task(tiny_config("nlvr2", world, tmp_path))
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.normal_()
+    nlvr2 = build_task(tiny_config("nlvr2", world, tmp_path))
+    nlvr2.load_tower_weights(trained.state_dict())
+    assert nlvr2.heads_from_checkpoint == ["classifier"]
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(nlvr2.state_dict()[name], value, msg=name)  # row 2 included
+    snli_ve = build_task(tiny_config("snli_ve", world, tmp_path))
+    before = snli_ve.classifier.state_dict()
+    snli_ve.load_tower_weights(trained.state_dict())
+    assert snli_ve.heads_from_checkpoint == []
+    assert all(torch.equal(before[k], v) for k, v in snli_ve.classifier.state_dict().items())
