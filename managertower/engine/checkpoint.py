@@ -144,9 +144,9 @@ def _named_globals(file, error: Exception) -> str:
     a zip checkpoint (module.name), else as torch's message gives them."""
     try:
         named = torch.serialization.get_unsafe_globals_in_checkpoint(file)
-    except (RuntimeError, ValueError, EOFError, OSError):
-        found = re.findall(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(error))
-        named = [name for pair in found for name in pair if name]
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError):
+        found = re.findall(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>|Unsupported (operand \d+)", str(error))
+        named = [name.replace("operand", "pickle operation") for group in found for name in group if name]
     return ", ".join(sorted(set(named))) or "Python objects"
 
 
@@ -174,6 +174,10 @@ def check_pickles(folder: str | os.PathLike) -> None:
     for file in sorted(Path(folder).rglob("*.pt")):
         try:
             named = set(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+        except pickle.UnpicklingError as error:  # the scan knows only the operations torch.save writes
+            raise UnsafeCheckpoint(f"{file} holds a pickle with operations a checkpoint of tensors does not use "
+                                   f"({error}): refused; give a checkpoint of tensors (`python -m pretrain export "
+                                   "RUN` writes one from a run you trust)") from None
         except (RuntimeError, ValueError, EOFError, OSError) as error:
             raise DamagedCheckpoint(f"{file} is not a readable PyTorch file ({type(error).__name__}: "
                                     f"{str(error).strip()[:120]})") from None

@@ -76,6 +76,13 @@ def test_a_checkpoint_folder_with_a_hostile_deepspeed_file_is_refused_before_dee
         with pytest.raises(ckpt.UnsafeCheckpoint) as error:
             load(tmp_path / "elsewhere")  # init_from / --from a run folder; checkpoint.resume=PATH
         assert "mp_rank_00_model_states.pt" in _one_line(error) and "builtins.exec" in str(error.value)
+    # the same in a newer pickle protocol (names pushed as strings, then STACK_GLOBAL): refused all the same
+    torch.save({"module": {"w": torch.zeros(1)}, "x": _Payload(f"open({str(marker)!r}, 'w')")},
+               step / "mp_rank_00_model_states.pt", pickle_protocol=4)
+    atomic_write_json(step / ckpt.COMPLETE, ckpt.completion_record(step, 2))
+    with pytest.raises(ckpt.UnsafeCheckpoint) as error:
+        ckpt.load_weights_file(tmp_path / "elsewhere")
+    assert "mp_rank_00_model_states.pt" in _one_line(error)
     assert not marker.exists()
 
 
