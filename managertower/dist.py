@@ -23,7 +23,8 @@ _FALLBACKS = {
 }
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (a rendezvous port for local ranks)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -57,7 +58,7 @@ def discover_env() -> None:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in os.environ:
         job = os.environ.get("SLURM_JOB_ID")
-        os.environ["MASTER_PORT"] = str(20000 + int(job) % 20000) if job else str(_free_port())
+        os.environ["MASTER_PORT"] = str(20000 + int(job) % 20000) if job else str(free_port())
 
 
 def rank() -> int:

@@ -88,10 +88,8 @@ def _collectives(rank, port, out):
 
 def test_every_collective_gets_the_backend_device():
     """A checking wrapper around the gloo collectives: every tensor they receive is on collective_device()."""
-    from managertower.dist import _free_port
-
     out = mp.Manager().dict()
-    mp.spawn(_collectives, args=(_free_port(), out), nprocs=2)
+    mp.spawn(_collectives, args=(dist.free_port(), out), nprocs=2)
     for rank in (0, 1):
         total, rows, grad, peak, devices, backend_device = out[rank]
         assert total == [3.0] and rows == [0, 0, 1] and peak == 1.0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 from managertower.config import load_config
 from managertower.tasks import build_task
+from managertower.dist import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 TOPK = 6  # fewer than the test split's 10 pictures: the merge of the two directions matters
@@ -80,12 +80,6 @@ def _eval_worker(rank: int, world: int, port: int, shards: str, run_dir: str):
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def shards(synthetic_world) -> Path:
     return synthetic_world[1]
@@ -110,7 +104,7 @@ def test_released_ranking_in_evaluate_on_one_and_two_ranks(shards, tmp_path):
     import torch.multiprocessing as mp
 
     two_dir = tmp_path / "two"
-    mp.spawn(_eval_worker, args=(2, _free_port(), str(shards), str(two_dir)), nprocs=2, join=True)
+    mp.spawn(_eval_worker, args=(2, free_port(), str(shards), str(two_dir)), nprocs=2, join=True)
     two = json.loads((two_dir / "result.json").read_text())
     for key in [k for k in one if k.startswith(("ir_", "tr_", "itc_", "rsum"))]:
         assert two[key] == pytest.approx(one[key]), key

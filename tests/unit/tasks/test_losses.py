@@ -3,13 +3,13 @@ gathered across two gloo ranks, gradients included, against a one-process refere
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from managertower.tasks.losses import itc_loss, sample_hard_negatives
+from managertower.dist import free_port
 
 
 def test_hard_negatives_never_pick_a_positive_even_a_same_image_caption():
@@ -69,19 +69,13 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str):
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory) -> dict:
     """Two gloo ranks (torch.multiprocessing) run itc_loss; {rank0 weight: [rank 0 result, rank 1 result]}."""
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("itc")
-    mp.spawn(_gather_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return {w: [torch.load(out / f"rank{r}-w{w:g}.pt") for r in range(2)] for w in (1.0, 0.0)}
 
 

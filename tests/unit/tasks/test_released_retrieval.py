@@ -4,7 +4,6 @@ of every rank (two gloo ranks)."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 from managertower.config import load_config
 from managertower.tasks import build_task, metrics
+from managertower.dist import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_FLICKR = str(REPO / "finetune/configs/tiny_flickr30k.yaml")
@@ -146,12 +146,6 @@ def _negatives_worker(rank: int, world: int, port: int, out_dir: str):
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     """Two gloo ranks (torch.multiprocessing) each run a training step of the tiny Flickr30K task, with global
@@ -159,7 +153,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("negatives")
-    mp.spawn(_negatives_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_negatives_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
