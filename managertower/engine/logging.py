@@ -94,6 +94,8 @@ class RunLogger:
         like the paper's Figure 6 in RUN/manager_weights.png and TensorBoard."""
         if not self.enabled or not weights:
             return
+        # the managers record their weights where they run (a GPU): one copy to the host here, at the log step
+        weights = {side: table.detach().float().cpu() for side, table in weights.items()}
         if self.writer is not None:
             for side, table in weights.items():
                 for layer, row in enumerate(table):
