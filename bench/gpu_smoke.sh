@@ -1,48 +1,32 @@
 #!/usr/bin/env bash
-# The project's one-GPU smoke: does ManagerTower train on this machine's GPU, how fast, and are its bf16 numbers
-# sound. From the project root, on a machine with one NVIDIA GPU and no network (about 7 minutes on an H200):
+# The project's one-GPU smoke (bench/README.md): does ManagerTower train on this machine's GPU, how fast, and are
+# its bf16 numbers sound. From the project root, on one NVIDIA GPU without network (about 7 minutes on an H200):
 #
-#   bash bench/gpu_smoke.sh                      # or: make gpu-smoke
-#   GPU_SMOKE_STAGES="3 4" bash bench/gpu_smoke.sh   # a rerun of some stages
+#   bash bench/gpu_smoke.sh                          # or: make gpu-smoke
+#   GPU_SMOKE_STAGES="3 4" bash bench/gpu_smoke.sh   # a rerun of some stages on the same machine
 #
-# $OUT (default runs/gpu_smoke): summary.txt (written first and after every stage: one line per stage and the
-# figures it measured), smoke.log (every stage's output), env.txt, and the pre-training runs' metrics.jsonl,
-# curves.png and manager_weights.png. Shards and checkpoints (GBs) go to $GPU_SMOKE_WORK (default a temp folder).
-# Offline kit, .gpu_carry/ (git-ignored; bench/README.md says how it is made): whl/, wheels the GPU image lacks;
-# apex_min/, Apex's LayerNorm source, JIT-built here. Nothing is downloaded.
-#
-# Each stage has its own timeout inside GPU_SMOKE_BUDGET_S (default 480 s); a failing stage never stops the next
-# one, and a stage that no longer fits is SKIP:
-#   install   the machine's python with torch ($PYTHON, python3, python, .venv), or a venv on it that sees its packages
-#             when it is no venv itself; the carried wheels it lacks (pip --no-index --no-deps), then
-#             `pip install --no-deps -e .`. Not `make install`: that builds .venv and downloads every dependency.
-#   1 device  nvidia-smi, torch.cuda facts, torch/CUDA/DALI/DeepSpeed versions, a 8192^3 bf16 GEMM's TFLOP/s.
-#   2 model   mt-inspect; tiny and base towers: 3 bf16 steps with torch's and with Apex's LayerNorm, each one's
-#             outputs against the fp32 tower's (Apex and DeepSpeed's FusedAdam build in the background meanwhile).
-#   3 pretrain  python -m pretrain, the base recipe on synthetic shards (python -m dataprep synthetic) through
-#             the DeepSpeed engine, 40 steps at global batch 64: samples/s and MFU from RUN/metrics.jsonl.
-#   4 export  python -m pretrain export of that run: fp32 weights, not the bf16 copy's values.
-#   5 zero3   the same at train.zero_stage=3, 8 steps, evaluating at step 4 and at the end.
-#   6 loader  bench/loader.py --device cuda: DALI's GPU decoding against its CPU path (needs DALI).
-# Runs ask for the GPU (train.device=cuda, CUDA_VISIBLE_DEVICES=0 when unset), so none falls back to the CPU.
-# Without CUDA, 1 and 2 FAIL saying so, 3, 5 and 6 FAIL fast with the project's own one-line errors, 4 is SKIP.
+# Stages: install (the machine's torch, wheels from .gpu_carry/whl, pip install --no-deps -e .; never `make
+# install`, which downloads), 1-device (facts, bf16 GEMM ceiling), 2-model (bf16 steps, torch vs Apex LayerNorm),
+# 3-pretrain (python -m pretrain, base recipe, 40 steps: samples/s, MFU), 4-export (fp32, not bf16-rounded),
+# 5-zero3 (8 steps with evaluation), 6-loader (bench/loader.py --device cuda). Each has its own timeout inside
+# GPU_SMOKE_BUDGET_S (default 480 s); a failing stage never stops the next, one that no longer fits is SKIP.
+# $OUT (default runs/gpu_smoke): summary.txt first (a line per stage as it ends), smoke.log, env.txt, the runs'
+# metrics and pictures. $GPU_SMOKE_WORK (default /tmp/gpu_smoke, kept for reruns): venv, shards, builds, checkpoints.
+# The runs ask for the GPU (train.device=cuda, CUDA_VISIBLE_DEVICES=0 when unset), so none falls back to the CPU:
+# without CUDA, 1 and 2 FAIL saying so, 3, 5 and 6 FAIL fast with the project's own one-line errors, 4 is SKIP.
 set -u
 ROOT=$(pwd)
-[ -f "$ROOT/setup.py" ] && [ -d "$ROOT/managertower" ] || { echo "run bench/gpu_smoke.sh from the project root" >&2; exit 2; }
-START=$(date +%s)
-BUDGET=${GPU_SMOKE_BUDGET_S:-480}
-STAGES=${GPU_SMOKE_STAGES:-1 2 3 4 5 6}
-OUT=${OUT:-$ROOT/runs/gpu_smoke}
-WORK=${GPU_SMOKE_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_smoke.XXXXXX")}
-CARRY=${GPU_CARRY:-$ROOT/.gpu_carry}
-SUMMARY=$OUT/summary.txt
-mkdir -p "$OUT" "$WORK/logs" "$WORK/py"
-export ROOT WORK CARRY
+[ -f "$ROOT/setup.py" ] && [ -d "$ROOT/managertower" ] || { echo "run it from the project root" >&2; exit 2; }
+START=$(date +%s) BUDGET=${GPU_SMOKE_BUDGET_S:-480} STAGES=${GPU_SMOKE_STAGES:-1 2 3 4 5 6}
+OUT=${OUT:-$ROOT/runs/gpu_smoke} WORK=${GPU_SMOKE_WORK:-${TMPDIR:-/tmp}/gpu_smoke} CARRY=${GPU_CARRY:-$ROOT/.gpu_carry}
+SUMMARY=$OUT/summary.txt APEX_STATUS=$WORK/apex_build.status FUSED_STATUS=$WORK/fused_adam.status
+mkdir -p "$OUT" "$WORK/logs" "$WORK/py" "$WORK/apex_build"
+rm -f "$APEX_STATUS" "$FUSED_STATUS"
+export ROOT WORK CARRY APEX_STATUS
 export DS_ACCELERATOR=cuda  # the Makefile and the tests set cpu
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export TOKENIZER=$ROOT/managertower/model/assets/tiny_tokenizer
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} TOKENIZER=$ROOT/managertower/model/assets/tiny_tokenizer
 
 printf 'ManagerTower GPU smoke  %s  %s  budget %s s  work %s\n\n%-10s %-13s %s\n' "$(date -u '+%F %T UTC')" \
   "$(hostname)" "$BUDGET" "$WORK" stage status seconds > "$SUMMARY"
@@ -65,24 +49,22 @@ stage() {
   row "$name" "$status" "$(( $(date +%s) - t0 ))"
   grep -a '^RESULT ' "$log" | sed 's/^RESULT /    /' >> "$SUMMARY"
   [ "$status" = PASS ] || grep -aE '^error|Error:|error:' "$log" | tail -1 | cut -c1-400 | sed 's/^/    /' >> "$SUMMARY"
-  { echo "----- $name: $status"; tail -c 1000000 "$log"; } >> "$OUT/smoke.log"
+  { echo "----- $name: $status"; tail -c 200000 "$log"; } >> "$OUT/smoke.log"
   say "$name: $status"
   return $rc
 }
 
-# --- python helpers (RESULT lines go to the summary) -------------------------------------------------------------
+# --- python helpers: their RESULT lines go to the summary ----------------------------------------------------------
 cat > "$WORK/py/device.py" <<'EOF'
 """Stage 1: what torch sees, the versions the runs use, and the GPU's bf16 matmul ceiling."""
-import importlib
+from importlib.metadata import distributions
 import torch
+from managertower.engine.loop import peak_flops  # what the runs' MFU divides by
 def result(key, value): print(f"RESULT {key}: {value}", flush=True)
-def version(module):
-    try:
-        return getattr(importlib.import_module(module), "__version__", "present")
-    except Exception as error:
-        return f"missing ({type(error).__name__})"
-result("versions", ", ".join(f"{m} {version(m)}" for m in
-                             ("torch", "deepspeed", "nvidia.dali", "transformers", "open_clip", "webdataset", "apex")))
+found = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in distributions()}
+names = ["torch", "deepspeed", "transformers", "open-clip-torch", "webdataset"]
+names += [name for name in found if name.startswith("nvidia-dali")] or ["nvidia-dali"]
+result("versions", ", ".join(f"{name} {found.get(name, 'missing')}" for name in names))
 result("torch CUDA build", f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
 if not torch.cuda.is_available():
     raise SystemExit(f"error: torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}) sees no usable GPU")
@@ -91,26 +73,23 @@ result("device", f"{p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SM
        f"bf16 {torch.cuda.is_bf16_supported()}, NCCL {torch.cuda.nccl.version()}, {torch.cuda.device_count()} visible")
 n, reps = 8192, 20
 a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-for _ in range(3):
-    a @ b
+a @ b  # warm-up: cuBLAS picks its kernel
 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 start.record()
 for _ in range(reps):
     a @ b
 end.record()
 torch.cuda.synchronize()
-tflops = 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
-from managertower.engine.loop import peak_flops  # what the runs' MFU divides by
-peak = peak_flops()
-result("bf16 GEMM 8192^3", f"{tflops:.0f} TFLOP/s" + (f" = {tflops * 1e12 / peak:.0%} of the {peak / 1e12:.0f} "
-       "TFLOP/s the MFU divides by" if peak else " (no peak known for this GPU: no MFU; set MT_PEAK_TFLOPS)"))
+tflops, peak = 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12, peak_flops()
+result("bf16 GEMM 8192^3", f"{tflops:.0f} TFLOP/s" + (f" = {tflops * 1e12 / peak:.0%} of the {peak / 1e12:.0f} the "
+       "MFU divides by" if peak else " (no peak known for this GPU, so no MFU: set MT_PEAK_TFLOPS)"))
 EOF
 
 cat > "$WORK/py/model_bf16.py" <<'EOF'
-"""Stage 2: tiny and base towers, 3 bf16 training steps each with torch's and with Apex's LayerNorm.
-Every bf16 tower (cast whole, as DeepSpeed's bf16 mode does) starts from the weights of an fp32 tower with
-torch's LayerNorm and is compared with it (eval-mode cls_feats). Apex passes when its error is no larger than the
-torch bf16 tower's: both only round to bf16. argv: the file where the background Apex build leaves its status."""
+"""Stage 2: tiny and base towers, 3 bf16 training steps each with torch's and with Apex's LayerNorm. Each bf16
+tower (cast whole, as DeepSpeed's bf16 mode does) starts from the weights of an fp32 tower with torch's LayerNorm
+and its eval-mode cls_feats are compared with that tower's: Apex passes when its error is no larger than the torch
+bf16 tower's (both only round to bf16). argv[1]: where the background Apex build leaves its exit code."""
 import importlib, math, random, sys, time
 from pathlib import Path
 import torch
@@ -126,38 +105,34 @@ def result(key, value): print(f"RESULT {key}: {value}", flush=True)
 if not torch.cuda.is_available():
     sys.exit(f"error: torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}) sees no usable GPU")
 
-def build(size, backend, state=None):
-    overrides = [f"model.size={size}", f"model.layer_norm={backend}", "model.dropout=0.0"]
-    if size == "base":  # random RoBERTa-base weights; the bundled vocabulary covers the synthetic captions
-        overrides.append(f"model.tokenizer={TINY_TOKENIZER}")
-    task = PretrainTask(load_config(None, overrides))
+def build(size, backend, state=None):  # base: random RoBERTa-base weights; the bundled vocabulary fits the captions
+    task = PretrainTask(load_config(None, [f"model.size={size}", f"model.layer_norm={backend}", "model.dropout=0.0",
+                                           f"model.tokenizer={TINY_TOKENIZER}"]))
     if state is not None:
         task.load_state_dict(state)
     return task.to(DEVICE)
 
 def make_batch(task):
-    rng = random.Random(0)
-    examples = [{"text": captions_for(random_scene(rng), rng)[0], "image_id": i // 2, "key": str(i // 2)}
-                for i in range(BATCH)]
+    rng, size = random.Random(0), task.cfg.model.image_size
+    examples = [{"text": captions_for(random_scene(rng), rng)[0], "image_id": i, "key": str(i)} for i in range(BATCH)]
     batch = PretrainCollator(task.tokenizer, task.cfg.model.max_text_len, seed=0)(examples)
-    size = task.cfg.model.image_size
     batch["pixel_values"] = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     return {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 @torch.no_grad()
 def cls_feats(task, batch):
     task.eval()
-    return task.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"].to(task.dtype)).cls_feats.float()
+    pixels = batch["pixel_values"].to(task.dtype)
+    return task.model(batch["input_ids"], batch["attention_mask"], pixels).cls_feats.float()
 
 def check(size, backend, state, batch, reference, flops):
-    """(error against the fp32 tower, losses finite) of a bf16 tower; 3 steps of forward + backward + AdamW."""
+    """(relative error against the fp32 tower, finite losses) of a bf16 tower; 3 forward + backward + AdamW steps."""
     task = build(size, backend, state).bfloat16()
     error = float((cls_feats(task, batch) - reference).norm() / reference.norm())
     task.train()
     torch.manual_seed(0)  # the same manager noise for every backend
-    optimizer = torch.optim.AdamW(task.parameters(), lr=1e-5, fused=True)
+    optimizer, losses = torch.optim.AdamW(task.parameters(), lr=1e-5, fused=True), []
     torch.cuda.reset_peak_memory_stats()
-    losses = []
     for _ in range(3):
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -167,7 +142,7 @@ def check(size, backend, state, batch, reference, flops):
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     mfu = f", MFU {BATCH * flops / seconds / PEAK:.1%}" if PEAK and flops else ""
     result(f"{size} {backend}", f"cls_feats vs fp32 {error:.1e}; losses {' '.join(f'{x:.3f}' for x in losses)}; "
            f"{seconds * 1e3:.0f} ms/step, {BATCH / seconds:.0f} samples/s{mfu}; "
@@ -179,21 +154,20 @@ def check(size, backend, state, batch, reference, flops):
 failures, towers = [], []
 for size in ("tiny", "base"):
     fp32 = build(size, "torch")
-    state = {k: v.detach().cpu().clone() for k, v in fp32.state_dict().items()}
-    batch = make_batch(fp32)
+    state, batch = {k: v.detach().cpu().clone() for k, v in fp32.state_dict().items()}, make_batch(fp32)
     reference, flops = cls_feats(fp32, batch), fp32.train_flops_per_sample()
     del fp32
     error, finite = check(size, "torch", state, batch, reference, flops)
     failures += [] if finite else [f"{size} torch: a loss is not finite"]
     towers.append((size, state, batch, reference, flops, error))
 
-status_file, deadline = Path(sys.argv[1]), time.time() + float(sys.argv[2])
+status_file, deadline = Path(sys.argv[1]), time.time() + 90
 while not status_file.exists() and time.time() < deadline:
     time.sleep(2)
-status = status_file.read_text().strip() if status_file.exists() else "unfinished"
+status = status_file.read_text().strip() if status_file.exists() else "unfinished after 90 s more"
 importlib.invalidate_caches()
 if status != "0":
-    result("apex", f"not built ({status}); only torch's LayerNorm measured")
+    result("apex", f"not built ({status}): torch's LayerNorm only")
 elif not layer_norm.apex_available():
     failures.append(f"Apex built but unusable: {layer_norm._apex()[1]}")
 else:
@@ -207,54 +181,46 @@ if failures:
 EOF
 
 cat > "$WORK/py/run_metrics.py" <<'EOF'
-"""Stages 3 and 5: a pre-training run's figures from RUN/metrics.jsonl; the first logged window, which holds the
-start-up, is left out of the medians."""
+"""Stages 3 and 5: a pre-training run's figures from RUN/metrics.jsonl (medians without the first logged window,
+which holds the start-up) and RUN/summary.json."""
 import json, math, statistics, sys
 from pathlib import Path
-run = Path(sys.argv[1])
 def result(key, value): print(f"RESULT {key}: {value}", flush=True)
-path = run / "metrics.jsonl"
-rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+run = Path(sys.argv[1])
+rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 train = [r for r in rows if r.get("samples_per_s") is not None]
-if not train:
-    sys.exit(f"error: no logged training step in {path}")
-steady = train[1:] or train
 def median(key):
-    values = [r[key] for r in steady if r.get(key) is not None]
-    return statistics.median(values) if values else None
+    values = [r[key] for r in (train[1:] or train) if r.get(key) is not None]
+    return statistics.median(values) if values else float("nan")
 result("loss at steps " + " ".join(str(r["step"]) for r in train), " ".join(f"{r['loss']:.3f}" for r in train))
-samples, tokens, mfu = median("samples_per_s"), median("tokens_per_s"), median("mfu")
-result("median after the first window", f"{samples:.1f} samples/s, {tokens or 0:.0f} tokens/s, MFU "
-       f"{f'{mfu:.1%}' if mfu is not None else 'none (no peak known for this GPU)'}")
+result("median after the first window", f"{median('samples_per_s'):.1f} samples/s, {median('tokens_per_s'):.0f} "
+       f"tokens/s, MFU {median('mfu'):.1%} (nan: no peak known for this GPU)")
 for r in rows:
-    evaluation = {k[5:]: round(v, 4) for k, v in r.items() if k.startswith("eval_")}
-    if evaluation:
-        result(f"eval at step {r['step']}", evaluation)
+    if any(k.startswith("eval_") for k in r):
+        result(f"eval at step {r['step']}", {k[5:]: round(v, 4) for k, v in r.items() if k.startswith("eval_")})
 if (run / "summary.json").exists():
     summary = json.loads((run / "summary.json").read_text())
     result("summary", {k: summary.get(k) for k in ("steps", "samples_seen", "wall_s", "preempted")})
-if not all(math.isfinite(r["loss"]) for r in train):
-    sys.exit("error: a logged loss is not finite")
+if not train or not all(math.isfinite(r["loss"]) for r in train):
+    sys.exit("error: no logged training step, or a loss that is not finite")
 EOF
 
 cat > "$WORK/py/export_check.py" <<'EOF'
-"""Stage 4: an exported file holds fp32 weights: float32 tensors whose values are the fp32 master weights, not
-the bf16 module copy's values stored as fp32 (then every value would be exactly representable in bf16)."""
+"""Stage 4: the exported file holds fp32 weights: float32 tensors holding the fp32 master weights, not the bf16
+module copy's values stored as fp32 (then every value would be exactly representable in bf16)."""
 import sys
 import torch
 def result(key, value): print(f"RESULT {key}: {value}", flush=True)
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["state_dict"]
 floats = [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
-dtypes = sorted({str(v.dtype).replace("torch.", "") for v in floats})
-total = sum(v.numel() for v in floats)
+dtypes, total = sorted({str(v.dtype).replace("torch.", "") for v in floats}), sum(v.numel() for v in floats)
 in_bf16 = sum(int((v.float() == v.float().bfloat16().float()).sum()) for v in floats) / total
 result("exported", f"{len(floats)} float tensors, {total / 1e6:.1f} M values, dtypes {dtypes}")
-result("values exactly representable in bf16", f"{in_bf16:.1%} (fp32 weights after 40 steps: about the share of "
-       "never-updated values, e.g. embeddings of tokens the captions do not use; a bf16-rounded export: 100%)")
+result("values exactly representable in bf16", f"{in_bf16:.1%} (fp32 weights: at most the never-updated share, "
+       "e.g. embeddings of tokens the captions lack; the bf16 copy: 100%)")
 problems = [f"dtypes {dtypes}, not float32"] if dtypes != ["float32"] else []
-if in_bf16 > 0.5:
-    problems.append(f"{in_bf16:.0%} of the values are bf16 values: the export wrote the bf16 module copy, not the "
-                    "fp32 master weights")
+problems += [f"{in_bf16:.0%} of the values are bf16 values: the export wrote the bf16 module copy, not the fp32 "
+             "master weights"] if in_bf16 > 0.5 else []
 if problems:
     sys.exit("error: " + "; ".join(problems))
 EOF
@@ -266,32 +232,18 @@ for candidate in "${PYTHON:-}" python3 python "$ROOT/.venv/bin/python"; do
     BASE_PY=$(command -v "$candidate"); break
   fi
 done
-if [ -z "$BASE_PY" ]; then
-  row install FAIL "no python with torch (set PYTHON=...); nothing else can run"; say "no python with torch"; exit 1
-fi
+[ -n "$BASE_PY" ] || { row install FAIL "no python with torch (set PYTHON=...)"; cat "$SUMMARY"; exit 1; }
 PY=$BASE_PY  # pip installs into it when it is a venv, else into a venv on top that sees its packages
 "$BASE_PY" -c "import sys; sys.exit(sys.prefix == sys.base_prefix)" || PY=$WORK/venv/bin/python
 export BASE_PY PY
 install() {
-  [ "$PY" = "$BASE_PY" ] || [ -x "$PY" ] || "$BASE_PY" -m venv --system-site-packages "$WORK/venv" || return 1
+  [ -x "$PY" ] || "$BASE_PY" -m venv --system-site-packages "$WORK/venv" || return 1
   echo "python: $PY (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
-  local missing=""
-  if ls "$CARRY"/whl/*.whl > /dev/null 2>&1; then
-    missing=$("$PY" - "$CARRY/whl" <<'EOF'
-import sys
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
-    name = wheel.name.split("-")[0]
-    try:
-        version(name)
-    except PackageNotFoundError:
-        print(name)
-EOF
-)
-  else
-    echo "no wheels carried ($CARRY/whl)"
-  fi
+  local missing  # the carried wheels' distributions that are not installed
+  missing=$("$PY" -c 'import sys, pathlib, importlib.metadata as m
+for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    try: m.version(wheel.name.split("-")[0])
+    except m.PackageNotFoundError: print(wheel.name.split("-")[0])' "$CARRY/whl")
   if [ -n "$missing" ]; then
     echo "RESULT from $CARRY/whl: $(echo $missing)"
     "$PY" -m pip install -q --no-index --no-deps --find-links "$CARRY/whl" $missing || return 1
@@ -306,27 +258,34 @@ INSPECT=$(dirname "$PY")/mt-inspect
 [ -x "$INSPECT" ] || INSPECT="$PY -m doors.inspect"
 HAVE_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2> /dev/null || echo 0)
 HAVE_DALI=0; "$PY" -c "import nvidia.dali" 2> /dev/null && HAVE_DALI=1
+export INSPECT
 { echo "python $PY, base $BASE_PY, carry $CARRY, CUDA $HAVE_CUDA, DALI $HAVE_DALI"; uname -a; nproc; free -g
   nvidia-smi 2>&1; command -v nvcc && nvcc --version | tail -1; "$PY" -m pip list 2> /dev/null; } > "$OUT/env.txt" 2>&1
 
-# --- background builds: Apex's LayerNorm extension, DeepSpeed's FusedAdam (train.optimizer=auto on GPUs) ---------
-NVCC=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2> /dev/null || true)
-[ -n "$NVCC" ] && export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
-APEX_STATUS=$WORK/apex_build.status FUSED_STATUS=$WORK/fused_adam.status
+# --- background JIT builds: Apex's LayerNorm extension, DeepSpeed's FusedAdam (train.optimizer=auto on GPUs) ------
+NVCC=""
+for cuda in "${CUDA_HOME:-}" /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc || echo /none/bin/nvcc)")")"; do
+  [ -x "$cuda/bin/nvcc" ] && { export CUDA_HOME=$cuda PATH=$cuda/bin:$PATH; NVCC=$cuda/bin/nvcc; break; }
+done
+if [ -n "$NVCC" ] && [ ! -f "$CUDA_HOME/include/cusparse.h" ]; then  # torch's headers include it: pip's CUDA wheels'
+  headers=$("$PY" -c "import nvidia, pathlib; print(':'.join(sorted({str(p.parent) for root in nvidia.__path__
+                      for p in pathlib.Path(root).glob('*/include/cusparse.h')})))" 2> /dev/null)
+  [ -n "$headers" ] && export CPATH=$headers${CPATH:+:$CPATH}
+fi
 background() {  # background STATUS_FILE LOG COMMAND...: COMMAND in its own process group; its exit code to STATUS_FILE
   setsid bash -c 'status=$1 log=$2; shift 2; "$@" > "$log" 2>&1; echo $? > "$status.tmp"; mv "$status.tmp" "$status"' \
     _ "$@" > /dev/null 2>&1 &
 }
 if (( ! HAVE_CUDA )); then
-  echo "no CUDA device" > "$APEX_STATUS"; echo "no CUDA device" > "$FUSED_STATUS"
+  echo "no CUDA device" | tee "$APEX_STATUS" > "$FUSED_STATUS"
 else
-  if [ -d "$CARRY/apex_min" ] && [ -n "$NVCC" ]; then
-    background "$APEX_STATUS" "$WORK/logs/apex_build.log" "$PY" -c "
-import sys; from torch.utils.cpp_extension import load; s = sys.argv[1]
-load(name='fused_layer_norm_cuda', sources=[s + '/csrc/layer_norm_cuda.cpp', s + '/csrc/layer_norm_cuda_kernel.cu'],
-     extra_include_paths=[s + '/csrc'], extra_cflags=['-O3'], build_directory=sys.argv[2], verbose=True,
-     extra_cuda_cflags=['-maxrregcount=50', '-O3', '--use_fast_math'])  # the flags of Apex's setup.py" \
-      "$CARRY/apex_min" "$(mkdir -p "$WORK/apex_build" && echo "$WORK/apex_build")"
+  if [ -d "$CARRY/apex_min" ] && [ -n "$NVCC" ]; then  # with the flags of Apex's setup.py
+    background "$APEX_STATUS" "$WORK/logs/apex_build.log" "$PY" -c "import sys
+from torch.utils.cpp_extension import load
+load(name='fused_layer_norm_cuda', sources=[sys.argv[1] + '/csrc/layer_norm_cuda.cpp', sys.argv[1] +
+     '/csrc/layer_norm_cuda_kernel.cu'], extra_include_paths=[sys.argv[1] + '/csrc'], extra_cflags=['-O3'],
+     extra_cuda_cflags=['-maxrregcount=50', '-O3', '--use_fast_math'], build_directory=sys.argv[2], verbose=True)" \
+      "$CARRY/apex_min" "$WORK/apex_build"
     APEX_PID=$!
   else
     echo "no $CARRY/apex_min or no nvcc" > "$APEX_STATUS"
@@ -335,12 +294,6 @@ load(name='fused_layer_norm_cuda', sources=[s + '/csrc/layer_norm_cuda.cpp', s +
     "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()"
   FUSED_PID=$!
 fi
-# wait_for STATUS_FILE SECONDS: the background build's exit code (0: built), or why there is none
-wait_for() {
-  local until=$(( $(date +%s) + $2 ))
-  while [ ! -f "$1" ] && (( $(date +%s) < until )); do sleep 2; done
-  cat "$1" 2> /dev/null || echo "unfinished after the wait"
-}
 
 # --- stages ------------------------------------------------------------------------------------------------------
 device() {
@@ -352,49 +305,47 @@ device() {
 }
 model() {  # the tower's size and forward FLOPs at the training setting, then the bf16 steps
   $INSPECT --size base --image-size 288 --text-len 50 --manager aaue_fused | sed 's/^/RESULT mt-inspect: /'
-  PYTHONPATH=$CARRY/apex_min:$WORK/apex_build${PYTHONPATH:+:$PYTHONPATH} "$PY" "$WORK/py/model_bf16.py" "$APEX_STATUS" 90
+  PYTHONPATH=$CARRY/apex_min:$WORK/apex_build${PYTHONPATH:+:$PYTHONPATH} "$PY" "$WORK/py/model_bf16.py" "$APEX_STATUS"
 }
-export -f device model
-export INSPECT APEX_STATUS
-wanted 1 && stage 1-device 60 15 device
-wanted 2 && stage 2-model 200 60 model
-
-OPTIMIZER=torch_adamw BACKEND=webdataset APEX_PATH=""
-if wanted 3 || wanted 5; then
-  (( HAVE_DALI )) && BACKEND=dali
-  [ "$(wait_for "$FUSED_STATUS" 60)" = 0 ] && OPTIMIZER=auto
-  [ "$(cat "$APEX_STATUS" 2> /dev/null)" = 0 ] && APEX_PATH=$CARRY/apex_min:$WORK/apex_build
-  echo "  (runs: data.backend=$BACKEND, train.optimizer=$OPTIMIZER, Apex LayerNorm $([ -n "$APEX_PATH" ] && echo on || echo off))" \
-    >> "$SUMMARY"
-  stage data 60 10 "$PY" -m dataprep synthetic --out "$WORK/raw" --size 2000 --shard "$WORK/shards" --workers 8
-fi
-export OPTIMIZER BACKEND APEX_PATH
+data() {
+  "$PY" -m dataprep synthetic --out "$WORK/raw" --size 2000 --shard "$WORK/shards" --workers 8 \
+    && touch "$WORK/shards/done"
+}
 pretrain() {  # pretrain RUN_DIR OVERRIDES...: the base recipe on the synthetic COCO shards, then its figures
-  local run=$1; shift
+  local run=$1 rc; shift
   rm -rf "$run"
   PYTHONPATH=$APEX_PATH${PYTHONPATH:+:$PYTHONPATH} "$PY" -m pretrain --config "$ROOT/pretrain/configs/base.yaml" \
     model.text_expert=null model.vision_checkpoint=null "model.tokenizer=$TOKENIZER" \
     "data.train_shards=[$WORK/shards/coco/train-*.tar]" "data.val_shards=[$WORK/shards/coco/test-*.tar]" \
     "data.weights=[]" "data.backend=$BACKEND" data.num_threads=8 train.device=cuda "train.optimizer=$OPTIMIZER" \
     train.global_batch=64 train.micro_batch=32 train.eval_batches=2 "run.dir=$run" run.progress=false "$@"
-  local rc=$?
-  if [ -d "$run" ]; then "$PY" "$WORK/py/run_metrics.py" "$run" || (( rc )) || rc=1; fi
+  rc=$?
+  if [ -f "$run/metrics.jsonl" ]; then "$PY" "$WORK/py/run_metrics.py" "$run" || (( rc )) || rc=1; fi
   return $rc
 }
 export_check() {
-  "$PY" -m pretrain export "$WORK/pretrain" --out "$WORK/export/model_fp32.pt" && "$PY" "$WORK/py/export_check.py" \
-    "$WORK/export/model_fp32.pt"
+  "$PY" -m pretrain export "$WORK/pretrain" --out "$WORK/export/model_fp32.pt" \
+    && "$PY" "$WORK/py/export_check.py" "$WORK/export/model_fp32.pt"
 }
-loader() {
-  "$PY" "$ROOT/bench/loader.py" --device cuda --images 512 --threads 8 --batch 32 --epochs 2 --dir "$WORK/loader" \
-    > "$WORK/loader.out" 2>&1
-  local rc=$?
-  cat "$WORK/loader.out"
-  grep -aE '^(ours|open_clip|DALI)' "$WORK/loader.out" | sed 's/^/RESULT /'
-  return $rc
+loader() {  # its table's lines into the summary
+  "$PY" "$ROOT/bench/loader.py" --device cuda --images 512 --threads 8 --batch 32 --epochs 2 --dir "$WORK/loader" 2>&1 \
+    | sed -E 's/^(ours|open_clip|DALI)/RESULT \1/'
+  return "${PIPESTATUS[0]}"
 }
-export -f pretrain export_check loader
+export -f device model data pretrain export_check loader
 
+wanted 1 && stage 1-device 60 15 device
+wanted 2 && stage 2-model 200 60 model
+OPTIMIZER=torch_adamw BACKEND=webdataset APEX_PATH=""
+if wanted 3 || wanted 5; then
+  (( HAVE_DALI )) && BACKEND=dali
+  for _ in $(seq 30); do [ -f "$FUSED_STATUS" ] && break; sleep 2; done  # FusedAdam, or torch's AdamW
+  [ "$(cat "$FUSED_STATUS" 2> /dev/null)" = 0 ] && OPTIMIZER=auto
+  APEX=off; [ "$(cat "$APEX_STATUS" 2> /dev/null)" = 0 ] && APEX=on APEX_PATH=$CARRY/apex_min:$WORK/apex_build
+  echo "  (runs: data.backend=$BACKEND, train.optimizer=$OPTIMIZER, Apex LayerNorm $APEX)" >> "$SUMMARY"
+  [ -f "$WORK/shards/done" ] || stage data 60 10 data
+fi
+export OPTIMIZER BACKEND APEX_PATH
 if wanted 3; then
   stage 3-pretrain 200 90 pretrain "$WORK/pretrain" train.steps=40 train.log_every=10 train.eval_every=0
   for f in metrics.jsonl curves.png manager_weights.png; do cp "$WORK/pretrain/$f" "$OUT/pretrain_$f" 2> /dev/null; done
@@ -410,7 +361,7 @@ if wanted 5; then
 fi
 if wanted 6; then
   if (( HAVE_DALI )); then stage 6-loader 100 40 loader
-  else skip 6-loader "nvidia.dali does not import (its wheel is too large to carry: pip install nvidia-dali-cuda120)"; fi
+  else skip 6-loader "nvidia.dali does not import (too large to carry: pip install nvidia-dali-cuda120)"; fi
 fi
 
 for pid in ${APEX_PID:-} ${FUSED_PID:-}; do  # our own background builds, when still running
