@@ -239,13 +239,16 @@ export BASE_PY PY
 install() {
   [ -x "$PY" ] || "$BASE_PY" -m venv --system-site-packages "$WORK/venv" || return 1
   echo "python: $PY (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
-  local missing  # the carried wheels' distributions that are not installed
-  missing=$("$PY" -c 'import sys, pathlib, importlib.metadata as m
+  local missing  # the carried wheels whose distribution is not installed, or older
+  missing=$("$PY" -c 'import sys, re, pathlib, importlib.metadata as m
+number = lambda version: [int(part) for part in re.findall(r"\d+", version.split("+")[0])]
 for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
-    try: m.version(wheel.name.split("-")[0])
-    except m.PackageNotFoundError: print(wheel.name.split("-")[0])' "$CARRY/whl")
-  if [ -n "$missing" ]; then
-    echo "RESULT from $CARRY/whl: $(echo $missing)"
+    name, carried = wheel.name.split("-")[:2]
+    try: older = number(m.version(name)) < number(carried)
+    except m.PackageNotFoundError: older = True
+    print(f"{name}=={carried}" if older else "", end=" ")' "$CARRY/whl")
+  if [ -n "${missing// /}" ]; then
+    echo "RESULT from $CARRY/whl:$(echo " "$missing)"
     "$PY" -m pip install -q --no-index --no-deps --find-links "$CARRY/whl" $missing || return 1
   fi
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$ROOT" || return 1
