@@ -35,6 +35,7 @@ say() { echo "[gpu_smoke $(( $(date +%s) - START )) s] $*" | tee -a "$OUT/smoke.
 row() { printf '%-10s %-13s %s\n' "$1" "$2" "${3:-}" >> "$SUMMARY"; }
 skip() { row "$1" SKIP "$2"; say "$1: SKIP ($2)"; }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+FAILED=0  # stages that failed or timed out: the exit code
 
 # stage NAME MAX_S MIN_S COMMAND...: COMMAND (a function or program) under a timeout of MAX_S or the budget left,
 # SKIP when less than MIN_S is left. The summary gets its status, its RESULT lines and, failing, its last error line.
@@ -46,6 +47,7 @@ stage() {
   t0=$(date +%s)
   timeout -k 10 $(( max < left ? max : left )) bash -c '"$@"' _ "$@" > "$log" 2>&1 || rc=$?
   if (( rc == 124 || rc == 137 )); then status=TIMEOUT; elif (( rc )); then status="FAIL(rc=$rc)"; fi
+  [ "$status" = PASS ] || FAILED=$(( FAILED + 1 ))
   row "$name" "$status" "$(( $(date +%s) - t0 ))"
   grep -a '^RESULT ' "$log" | sed 's/^RESULT /    /' >> "$SUMMARY"
   [ "$status" = PASS ] || grep -aE '^error|Error:|error:' "$log" | tail -1 | cut -c1-400 | sed 's/^/    /' >> "$SUMMARY"
@@ -59,9 +61,8 @@ cat > "$WORK/py/device.py" <<'EOF'
 """Stage 1: what torch sees, the versions the runs use, and the GPU's bf16 matmul ceiling."""
 from importlib.metadata import distributions
 import torch
-from managertower.engine.loop import peak_flops  # what the runs' MFU divides by
 def result(key, value): print(f"RESULT {key}: {value}", flush=True)
-found = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in distributions()}
+found = {(d.metadata["Name"] or "").lower().replace("_", "-"): d.version for d in distributions()}
 names = ["torch", "deepspeed", "transformers", "open-clip-torch", "webdataset"]
 names += [name for name in found if name.startswith("nvidia-dali")] or ["nvidia-dali"]
 result("versions", ", ".join(f"{name} {found.get(name, 'missing')}" for name in names))
@@ -73,14 +74,17 @@ result("device", f"{p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SM
        f"bf16 {torch.cuda.is_bf16_supported()}, NCCL {torch.cuda.nccl.version()}, {torch.cuda.device_count()} visible")
 n, reps = 8192, 20
 a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-a @ b  # warm-up: cuBLAS picks its kernel
+for _ in range(3):  # warm-up: cuBLAS picks its kernel, the clocks rise
+    a @ b
 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 start.record()
 for _ in range(reps):
     a @ b
 end.record()
 torch.cuda.synchronize()
-tflops, peak = 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12, peak_flops()
+tflops = 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+from managertower.engine.loop import peak_flops  # what the runs' MFU divides by (imports DeepSpeed)
+peak = peak_flops()
 result("bf16 GEMM 8192^3", f"{tflops:.0f} TFLOP/s" + (f" = {tflops * 1e12 / peak:.0%} of the {peak / 1e12:.0f} the "
        "MFU divides by" if peak else " (no peak known for this GPU, so no MFU: set MT_PEAK_TFLOPS)"))
 EOF
@@ -310,7 +314,8 @@ model() {  # the tower's size and forward FLOPs at the training setting, then th
   $INSPECT --size base --image-size 288 --text-len 50 --manager aaue_fused | sed 's/^/RESULT mt-inspect: /'
   PYTHONPATH=$CARRY/apex_min:$WORK/apex_build${PYTHONPATH:+:$PYTHONPATH} "$PY" "$WORK/py/model_bf16.py" "$APEX_STATUS"
 }
-data() {
+data() {  # 2000 pre-training images; an unfinished earlier try is started over
+  rm -rf "$WORK/raw" "$WORK/shards"
   "$PY" -m dataprep synthetic --out "$WORK/raw" --size 2000 --shard "$WORK/shards" --workers 8 \
     && touch "$WORK/shards/done"
 }
@@ -364,7 +369,7 @@ if wanted 5; then
 fi
 if wanted 6; then
   if (( HAVE_DALI )); then stage 6-loader 100 40 loader
-  else skip 6-loader "nvidia.dali does not import (too large to carry: pip install nvidia-dali-cuda120)"; fi
+  else skip 6-loader "nvidia.dali does not import (too large to carry: nvidia-dali-cuda120 or 130)"; fi
 fi
 
 for pid in ${APEX_PID:-} ${FUSED_PID:-}; do  # our own background builds, when still running
@@ -376,3 +381,4 @@ done
 printf '\nbuilds: apex %s, fused_adam %s\ntotal %s s; stage logs in %s\n' "$(cat "$APEX_STATUS" 2> /dev/null)" \
   "$(cat "$FUSED_STATUS" 2> /dev/null)" "$(( $(date +%s) - START ))" "$WORK/logs" >> "$SUMMARY"
 cat "$SUMMARY"
+(( FAILED == 0 ))
