@@ -197,8 +197,9 @@ def median(key):
     values = [r[key] for r in (train[1:] or train) if r.get(key) is not None]
     return statistics.median(values) if values else float("nan")
 result("loss at steps " + " ".join(str(r["step"]) for r in train), " ".join(f"{r['loss']:.3f}" for r in train))
+mfu = median("mfu")
 result("median after the first window", f"{median('samples_per_s'):.1f} samples/s, {median('tokens_per_s'):.0f} "
-       f"tokens/s, MFU {median('mfu'):.1%} (nan: no peak known for this GPU)")
+       f"tokens/s, MFU {f'{mfu:.1%}' if math.isfinite(mfu) else 'none (no peak known for this GPU)'}")
 for r in rows:
     if any(k.startswith("eval_") for k in r):
         result(f"eval at step {r['step']}", {k[5:]: round(v, 4) for k, v in r.items() if k.startswith("eval_")})
