@@ -421,10 +421,11 @@ def export_fp32(path: str | os.PathLike, out_file: str | os.PathLike) -> Path:
     return atomic_write(out_file, buffer.getvalue())
 
 
-def load_weights_file(source: str | os.PathLike) -> tuple[dict, dict | None]:
+def load_weights_file(source: str | os.PathLike, report: list[str] | None = None) -> tuple[dict, dict | None]:
     """(state_dict, config) from an exported .pt file, a weights folder (config.json + model.safetensors, or that
     file: docs/weights.md; its config is {"model": ...}) or any folder holding a DeepSpeed checkpoint; each is read
-    without constructing pickled objects (UnsafeCheckpoint otherwise)."""
+    without constructing pickled objects (UnsafeCheckpoint otherwise). Damaged checkpoints passed over in a
+    run or checkpoints/ folder are described in `report` (when given)."""
     from ..hf_export import is_weights_folder, read_folder
 
     source = Path(source)
@@ -438,7 +439,7 @@ def load_weights_file(source: str | os.PathLike) -> tuple[dict, dict | None]:
         if "state_dict" in blob:
             return blob["state_dict"], blob.get("config")
         return blob, None
-    folder = find_checkpoint(source)
+    folder = find_checkpoint(source, report)
     check_pickles(folder)
     meta = read_meta(folder)
     return fp32_state_dict(folder), meta.get("config")

@@ -533,13 +533,15 @@ class Trainer:
                     "its fp32 weights with a fresh optimizer and data order (ZeRO partitions are per rank)"]
         init_from = self.cfg.checkpoint.init_from
         if not resume and init_from:
-            state, _ = ckpt.load_weights_file(init_from)
+            passed_over: list[str] = []  # damaged checkpoints in a run folder given as init_from
+            state, _ = ckpt.load_weights_file(init_from, passed_over)
             missing = self.task.load_tower_weights(state, init_from)
             heads = self.task.heads_from_checkpoint
-            return [f"initialised the tower from {init_from}"
+            note = (f"initialised the tower from {init_from}"
                     + (f", with its {', '.join(heads)}; the task's other heads start new" if heads else
                        "; the task's heads start new")
-                    + (f", and {len(missing)} tower tensors the checkpoint lacks" if missing else "")]
+                    + (f", and {len(missing)} tower tensors the checkpoint lacks" if missing else ""))
+            return passed_over + [note]
         return []
 
     def _start_deepspeed(self, ds_config: dict) -> None:

@@ -183,7 +183,8 @@ def test_resume_passes_over_a_damaged_checkpoint_and_a_named_one_is_refused(tmp_
     report: list[str] = []
     assert ckpt.find_resume(checkpoints, report) == checkpoints / "step-3"
     assert len(report) == 1 and "step-6 is damaged (rank1.pt has 50 of" in report[0]
-    assert ckpt.find_checkpoint(tmp_path / "run") == checkpoints / "step-3"  # a run folder: the newest intact
+    report = []  # init_from / --from a run folder: the newest intact, the damaged one said (in the run's log)
+    assert ckpt.find_checkpoint(tmp_path / "run", report) == checkpoints / "step-3" and "step-6 is damaged" in report[0]
     with pytest.raises(ckpt.DamagedCheckpoint) as error:
         ckpt.find_checkpoint(newest)  # a step-N folder named by the user: one line, no traceback
     assert "rank1.pt has 50 of" in _one_line(error)
