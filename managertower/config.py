@@ -356,6 +356,9 @@ class TaskConfig:
     # Retrieval ITM hard negatives from the whole global batch, every rank's examples (the released recipe);
     # false: from the rank's own micro-batch, which saves gathering every rank's uni-modal layers each step.
     retrieval_global_negatives: bool = True
+    # The ranking retrieval reports as ir_*/tr_*: "itm" (the released: ITC top-k re-ranked by the ITM positive
+    # logit) or "itc" (ITC alone; the tiny demo, whose 64-px ITM ranks below its ITC). Both are always reported.
+    retrieval_rank: str = "itm"
     itc_dim: int = 256
     # Pre-training only: weight of an extra ITC loss on the uni-modal class features. The paper uses none (0);
     # the tiny demo's random-init experts use it to get past the long chance-level plateau of ITM.
@@ -376,6 +379,7 @@ class TaskConfig:
         _check_positive("task.epochs", self.epochs, allow_zero=True)
         _check_positive("task.num_classes", self.num_classes, allow_zero=True)
         _check_positive("task.retrieval_topk", self.retrieval_topk)
+        _check_choice("task.retrieval_rank", self.retrieval_rank, ("itm", "itc"))
         _check_positive("task.itc_dim", self.itc_dim)
         _check_positive("task.itc_weight", self.itc_weight, allow_zero=True)
         _check_positive("task.head_lr_mult", self.head_lr_mult, allow_zero=True)

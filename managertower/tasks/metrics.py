@@ -46,7 +46,16 @@ def vqa_majority_baseline(answer_scores: Sequence[dict]) -> tuple[str, float]:
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((pred == labels).float().mean()) if labels.numel() else 0.0
+    """The exact fraction right (195 of 300 is 0.65, not float32's 0.6499999762)."""
+    return int((pred == labels).sum()) / labels.numel() if labels.numel() else 0.0
+
+
+def headline_recalls(itm: dict[str, float], itc: dict[str, float], rank: str) -> dict[str, float]:
+    """Retrieval's metrics: the `rank` ranking's recalls as ir_*/tr_* (task.retrieval_rank), and both rankings
+    under their own prefix (itm_*, itc_*); `itc` holds the itc_-prefixed recalls."""
+    plain_itc = {name[len("itc_"):]: value for name, value in itc.items()}
+    headline = itm if rank == "itm" else plain_itc
+    return {**headline, **{f"itm_{name}": value for name, value in itm.items()}, **itc}
 
 
 def recall_at_k(ranked: torch.Tensor, positives: list[set[int]], ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:

@@ -238,8 +238,8 @@ class RetrievalTask(FinetuneTask):
             torch.distributed.all_reduce(tr_logits)
         text_ranked, image_ranked = metrics.itm_ranking(text_top, ir_logits, image_top, tr_logits)
         text_ranked, image_ranked = text_ranked.cpu(), image_ranked.cpu()
-        results = metrics.retrieval_recall(text_ranked, image_ranked, text_to_image)
-        results.update(itc_metrics)
+        itm_metrics = metrics.retrieval_recall(text_ranked, image_ranked, text_to_image)
+        results = metrics.headline_recalls(itm_metrics, itc_metrics, self.cfg.task.retrieval_rank)
         results.update({"images": float(n_images), "texts": float(n_texts), "topk": float(k_images)})
         if dist.is_main():
             self._write_rankings(pictures, texts, text_ranked, image_ranked)

@@ -21,7 +21,7 @@ TOPK = 6  # fewer than the test split's 10 pictures: the merge of the two direct
 def _task(shards: Path, run_dir: Path):
     cfg = load_config(str(REPO / "finetune/configs/tiny_flickr30k.yaml"),
                       [f"task.eval_shards=[{shards}/flickr30k/test-*.tar]", f"run.dir={run_dir}",
-                       "train.micro_batch=8", f"task.retrieval_topk={TOPK}"])
+                       "train.micro_batch=8", f"task.retrieval_topk={TOPK}", "task.retrieval_rank=itm"])
     task = build_task(cfg)
     task.eval()
     return task

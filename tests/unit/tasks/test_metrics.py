@@ -58,3 +58,17 @@ def test_recall_with_several_captions_per_image_both_directions():
 def test_recall_counts_a_miss_when_the_right_item_is_outside_the_candidates():
     out = metrics.retrieval_recall(torch.tensor([[1], [1]]), torch.tensor([[0], [0]]), [0, 1], ks=(1,))
     assert out["ir_r1"] == 0.5 and out["tr_r1"] == 0.5
+
+
+def test_accuracy_is_the_exact_fraction():
+    pred, labels = torch.zeros(300, dtype=torch.long), torch.zeros(300, dtype=torch.long)
+    pred[:105] = 1
+    assert metrics.accuracy(pred, labels) == 0.65  # float32's mean gives 0.6499999762
+
+
+def test_headline_recalls_follow_task_retrieval_rank():
+    itm, itc = {"ir_r1": 0.04, "tr_r1": 0.07}, {"itc_ir_r1": 0.10, "itc_tr_r1": 0.19}
+    released = metrics.headline_recalls(itm, itc, "itm")
+    assert released == {"ir_r1": 0.04, "tr_r1": 0.07, "itm_ir_r1": 0.04, "itm_tr_r1": 0.07, **itc}
+    tiny = metrics.headline_recalls(itm, itc, "itc")
+    assert (tiny["ir_r1"], tiny["tr_r1"], tiny["itm_ir_r1"], tiny["itc_ir_r1"]) == (0.10, 0.19, 0.04, 0.10)
