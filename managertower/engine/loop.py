@@ -236,10 +236,12 @@ class _RunLock:
     A POSIX record lock (fcntl.lockf) rather than flock: the kernel drops it when the holding process ends,
     however it ends (SIGKILL included), and it is not inherited by the processes rank 0 forks (data-loader
     workers), which would keep a flock held after rank 0 died; NFS (lockd / v4) and Lustre (mounted with
-    -o flock) carry it to every node. Rank 0 alone holds it: the ranks of one run are one holder, and a second
-    run's rank 0 is enough to refuse the second run (every rank of it stops with the same error). The file says
-    who holds it (host, pid, start time); it is written in place, never replaced or deleted, since a new file
-    would be a second lock that nobody holds. Where the file system has no locks the run goes on, and says so.
+    -o flock) carry it to every node. (A POSIX lock is also dropped when its process closes any descriptor of the
+    file: nothing else in rank 0 opens RUN/.lock.) Rank 0 alone holds it: the ranks of one run are one holder
+    (every rank locking would shut its own run out), and a second run's rank 0 is enough to refuse the second
+    run. The file says who holds it (host, pid, start time); it is written in place, never replaced or deleted,
+    since a new file would be a second lock that nobody holds. Where the file system has no locks the run goes
+    on, and says so.
     """
 
     def __init__(self, run_dir: str | os.PathLike):
@@ -436,9 +438,10 @@ class Trainer:
         schedule, RNG, data position and logging window), or the fp32 weights of a run on another world size
         with a fresh optimizer."""
         cfg, task = self.cfg, self.task
+        dist.discover_env()  # the rank, known before the process group starts (which can take a while)
+        notes = self._lock_run_folder()
         dist.init()
         self.rank, self.world, self.device = dist.rank(), dist.world_size(), dist.device(self.cfg.train.device)
-        notes = self._lock_run_folder()
         torch.manual_seed(cfg.train.seed + self.rank)
         ds_config, ds_path = build_ds_config(cfg.train, self.world)
         self.accum = ds_config["gradient_accumulation_steps"]
@@ -476,16 +479,11 @@ class Trainer:
         self.engine.train()
 
     def _lock_run_folder(self) -> list[str]:
-        """Rank 0 takes RUN/.lock; every rank stops with RunFolderBusy when another run holds it."""
-        busy = ""
+        """Rank 0 takes RUN/.lock before the process group starts: RunFolderBusy at once when another run holds
+        it. This run's other ranks then wait in the process group's start until their launcher stops them, as
+        it does when any rank exits early (DeepSpeed's launcher, torchrun, srun --kill-on-bad-exit)."""
         if dist.is_main():
-            try:
-                self.lock = _RunLock(self.run_dir).acquire()
-            except RunFolderBusy as error:
-                busy = str(error)
-        if dist.all_reduce_max(1.0 if busy else 0.0) > 0:
-            raise RunFolderBusy(busy or f"run.dir {self.run_dir} is in use by another run (see "
-                                        f"{self.run_dir / LOCK_FILE})")
+            self.lock = _RunLock(self.run_dir).acquire()
         return [self.lock.note] if self.lock is not None and self.lock.note else []
 
     def _resume_decision(self) -> tuple[Path | None, dict, bool, list[str]]:
