@@ -35,7 +35,6 @@ folder, and one error when none of them holds a complete checkpoint.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -367,7 +366,7 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, meta: dict, rank_state:
     _check_plain(rank_state, f"rank{dist.rank()}")
     if dist.is_main():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in glob.glob(str(ckpt_dir / ".tmp-step-*")):
+        for stale in ckpt_dir.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"step": step}, save_latest=False)
@@ -399,12 +398,19 @@ def load_rank_state(path: str | os.PathLike) -> dict | None:
 
 
 # --- weights ---------------------------------------------------------------------------------------------------
+def zero_partitioned(path: Path) -> bool:
+    """Whether a DeepSpeed checkpoint folder holds ZeRO optimizer partitions (with the fp32 master weights):
+    `zero_pp_rank_*_optim_states.pt`, or `bf16_zero_pp_rank_*` as bf16 ZeRO-1/2 names them. Without them the
+    module file is all there is (stage 0). Path.glob: a folder name with [ or ] is not a pattern."""
+    return any(path.glob("*zero_pp_rank_*optim_states.pt"))
+
+
 def fp32_state_dict(path: str | os.PathLike) -> dict:
     """Full fp32 weights of a DeepSpeed checkpoint folder (step-N), for any ZeRO stage. ZeRO partitions are
     gathered by DeepSpeed's zero_to_fp32 (which unpickles with weights_only=False: `check_pickles` first on a
     folder from elsewhere); the whole-model file of stage 0 is read here with weights_only."""
     path = Path(path)
-    if glob.glob(str(path / "*optim_states.pt")) and glob.glob(str(path / "zero_pp_rank_*")):
+    if zero_partitioned(path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))
