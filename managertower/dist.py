@@ -95,6 +95,8 @@ def device(requested: str = "auto") -> torch.device:
     is an error naming torch's CUDA build, instead of a silent fall back to a CPU, fp32 and gloo run."""
     if requested not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"device={requested!r} is not one of auto, cuda, cpu")
+    if requested == "auto" and os.environ.get("DS_ACCELERATOR") == "cpu":
+        return torch.device("cpu")  # DeepSpeed's CPU accelerator: batches on the CPU too, GPUs or not
     if requested == "cpu":
         if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
             raise ConfigError("train.device=cpu on a machine with GPUs also needs DeepSpeed's CPU accelerator: "

@@ -29,6 +29,17 @@ def test_a_launch_that_asked_for_gpus_fails_loudly_without_one(no_cuda):
     assert dist.device("cpu") == torch.device("cpu")
 
 
+def test_auto_follows_deepspeeds_cpu_accelerator_on_a_gpu_machine(monkeypatch):
+    """`make demo` / the tests set DS_ACCELERATOR=cpu: on a GPU node the batches must not go to cuda:0 while
+    DeepSpeed runs on its CPU accelerator."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert dist.device() == torch.device("cpu")
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert dist.device() == torch.device("cuda", 0)
+
+
 def test_cpu_on_a_gpu_machine_needs_the_cpu_accelerator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
@@ -43,6 +54,7 @@ def test_each_rank_takes_its_visible_gpu(monkeypatch, count, local, expected):
     """`srun --gpus-per-task=1` shows each rank one device (cuda:0) whatever its LOCAL_RANK."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     monkeypatch.setenv("LOCAL_RANK", str(local))
     assert dist.device() == torch.device("cuda", expected)
 
@@ -50,6 +62,7 @@ def test_each_rank_takes_its_visible_gpu(monkeypatch, count, local, expected):
 def test_more_ranks_than_visible_gpus_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     monkeypatch.setenv("LOCAL_RANK", "3")
     with pytest.raises(ConfigError, match="LOCAL_RANK=3 but this process sees 2 GPUs"):
         dist.device()
