@@ -83,7 +83,17 @@ class ITCHead(nn.Module):
         low, high = self.TEMPERATURE_RANGE
         param = self.learned_temperature
         param.clamp_(low, high)
-        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # a parameter of a DeepSpeed ZeRO optimizer
+        if hasattr(param, "ds_id"):
+            # ZeRO-3: each rank clamps its own partition, the module's and the fp32 master's (a clamp is elementwise).
+            # The full-parameter setter cannot take a parameter smaller than the world (DeepSpeed narrows past its
+            # padded one-element partitions).
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            param.ds_tensor.clamp_(low, high)
+            master = safe_get_local_fp32_param(param)
+            if master is not None:
+                safe_set_local_fp32_param(param, master.clamp(low, high))
+        elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2: the fp32 master fragment
             from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
             master = safe_get_full_fp32_param(param)
