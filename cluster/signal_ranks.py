@@ -6,7 +6,8 @@ A rank is a process whose environment has MT_LAUNCH_TAG=TAG (cluster.launch and 
 LOCAL_RANK (the per-node launcher sets it), and whose parent has no LOCAL_RANK: that leaves out the launchers
 above the ranks, which would die of SIGUSR1, and the data-loader workers below them. A job that trains in its
 own process (no launcher, so no LOCAL_RANK) marks that process with MT_TRAINER_PROCESS=1 instead. The training loop saves a checkpoint at
-the next step boundary on SIGUSR1 or SIGTERM and exits 0; the launchers then exit on their own.
+the next step boundary on SIGUSR1 and exits 0; on SIGTERM it saves if a boundary comes within MT_STOP_GRACE_S
+seconds and exits 143. The launchers then exit on their own.
 Prints one line per process signalled; exits 1 when it found no rank.
 """
 from __future__ import annotations

@@ -8,8 +8,8 @@
 #   3. When the step has ended, the script runs `scontrol requeue $SLURM_JOB_ID`; the job waits in the queue
 #      and starts again with the same arguments; resume=auto (the default) continues from checkpoints/latest.
 #   `scontrol requeue JOBID` / preemption with PreemptMode=REQUEUE from outside send SIGTERM to every process of
-#   the job instead: the ranks save the same way (SLURM waits KillWait seconds before SIGKILL) and the job
-#   restarts. A job stops requeueing itself after MT_MAX_RESTARTS restarts (default 50).
+#   the job instead: the ranks save at a step boundary reached within MT_STOP_GRACE_S (default 15 s) and exit
+#   143 (SLURM waits KillWait seconds before SIGKILL; it requeues whatever the exit status) and the job restarts. A job stops requeueing itself after MT_MAX_RESTARTS restarts (default 50).
 # shellcheck shell=bash
 
 mt_log() { printf '[%s] %s: %s\n' "$(date '+%F %T')" "${SLURM_JOB_NAME:-job}" "$*"; }
