@@ -295,12 +295,11 @@ class Loader:
             try:
                 if raw.meta.get("__bad_json__"):
                     raise ValueError("metadata is not valid JSON")
-                geoms = []
-                for k, payload in enumerate(raw.encoded):
-                    width, height = dali.jpeg_size(payload)
-                    geoms.append((sample_geometry(width, height, self.image_size, self.transform,
-                                                  mix_seed(raw.seed, k), self.hflip), width, height))
-                geometries[id(raw)] = None if self.per_example else geoms
+                sizes = [dali.jpeg_size(payload) for payload in raw.encoded]  # a header that does not parse: bad
+                if not self.per_example:  # per-example views draw their crops later, from the whole image
+                    geometries[id(raw)] = [
+                        (sample_geometry(width, height, self.image_size, self.transform, mix_seed(raw.seed, k),
+                                         self.hflip), width, height) for k, (width, height) in enumerate(sizes)]
                 ok.append(raw)
             except Exception as error:  # the header does not parse: corrupt before DALI sees it
                 errors[id(raw)] = f"{type(error).__name__}: {error}"
