@@ -123,6 +123,22 @@ def test_hostile_weights_files_are_refused_and_nothing_in_them_runs(finished, tm
 
 
 # --- 2 and 5. stopping a run that is blocked; the run folder's lock ---------------------------------------------
+
+
+def sigterm_and_wait(process) -> tuple[int, float]:
+    """SIGTERM to a run; (its exit code, seconds it took to exit)."""
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=GRACE_S + 30)
+    return code, time.monotonic() - sent
+
+
+def kill_if_running(process) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def test_a_second_run_on_a_busy_folder_fails_at_once_and_sigterm_stops_a_starved_loader(synthetic_world, tmp_path):
     _, shards = synthetic_world
     run_dir, log = tmp_path / "run", tmp_path / "first.log"
@@ -133,14 +149,9 @@ def test_a_second_run_on_a_busy_folder_fails_at_once_and_sigterm_stops_a_starved
         second = run(command(run_dir, shards), timeout=120)
         assert_one_line_error(second, f"run.dir {run_dir} is in use by another run", f"pid {first.pid}", "host ",
                               "started ")
-        sent = time.monotonic()
-        first.send_signal(signal.SIGTERM)
-        code = first.wait(timeout=GRACE_S + 30)
-        took = time.monotonic() - sent
+        code, took = sigterm_and_wait(first)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
+        kill_if_running(first)
     text = log.read_text()
     assert code == 128 + signal.SIGTERM, text[-3000:]  # not 0: the run did not finish
     assert took < GRACE_S + 15, took
@@ -154,14 +165,9 @@ def test_sigterm_during_a_stalled_evaluation_exits_non_zero_within_seconds(synth
     process = start(command(run_dir, shards, "train.eval_every=2"), log, env(MANAGERTOWER_FAULT="eval:2"))
     try:
         wait_for(lambda: "stalls in eval at step 2" in log.read_text(), process, timeout=300)
-        sent = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=GRACE_S + 30)
-        took = time.monotonic() - sent
+        code, took = sigterm_and_wait(process)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        kill_if_running(process)
     text = log.read_text()
     assert code == 143 and took < GRACE_S + 15 and "Traceback" not in text, (code, took, text[-3000:])
     assert sorted(records(run_dir)) == [2]
@@ -178,9 +184,7 @@ def test_sigint_at_a_step_boundary_saves_a_checkpoint_and_exits_non_zero(synthet
         process.send_signal(signal.SIGINT)  # Ctrl-C
         code = process.wait(timeout=120)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        kill_if_running(process)
     text = log.read_text()
     assert code == 128 + signal.SIGINT, text[-3000:]
     stopped_at = max(records(run_dir))
