@@ -28,6 +28,13 @@ def effective_precision(train: TrainConfig) -> str:
     return train.precision if torch.cuda.is_available() else "fp32"
 
 
+def precision_notes(train: TrainConfig) -> list[str]:
+    """The log lines saying the run trains in another precision than train.precision asked for (and why)."""
+    if effective_precision(train) != train.precision:
+        return [f"train.precision={train.precision} needs CUDA: running fp32 on the CPU"]
+    return []
+
+
 def layout_path(train: TrainConfig) -> Path:
     """The ds_configs file of (train.zero_stage, train.offload), found as package data of `ds_configs`."""
     return Path(str(resources.files("ds_configs") / DS_LAYOUTS[(train.zero_stage, train.offload)]))

@@ -56,7 +56,7 @@ from .. import dist
 from ..config import Config, ConfigError
 from ..io import atomic_write_json
 from . import checkpoint as ckpt
-from .deepspeed_config import build_ds_config, effective_precision
+from .deepspeed_config import build_ds_config, effective_precision, precision_notes
 from .logging import RunLogger, loss_curve_figure
 from .optim import build_optimizer, build_scheduler, param_groups
 
@@ -451,8 +451,7 @@ class Trainer:
                      f"{self.world} ranks = global batch {cfg.train.global_batch}; {effective_precision(cfg.train)}, "
                      f"ZeRO stage {ds_config['zero_optimization']['stage']} ({ds_path.name})")
         notes += resume_notes
-        if not torch.cuda.is_available() and cfg.train.precision != "fp32":
-            notes.append(f"train.precision={cfg.train.precision} needs CUDA: running fp32 on the CPU")
+        notes += precision_notes(cfg.train)
         notes += self._load_start_weights(resume, meta, exact)
         self._start_deepspeed(ds_config)
         self.step = int(meta["step"]) if resume else 0
