@@ -68,9 +68,13 @@ class TextExpert(nn.Module):
         return list(range(self.depth - self.num_kept, self.depth))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Returns B x N x L x D_text: the outputs of the top N layers."""
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                           return_dict=True)
+        """Returns B x N x L x D_text: the outputs of the top N layers.
+
+        The padding mask goes in ready-made (B x 1 x 1 x L, True: attend), as SDPA takes it: from a 2-D mask
+        transformers first asks whether any token is padded (`mask.all()`), a read-back that makes every
+        micro-step wait for the GPU."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask[:, None, None, :].bool(),
+                           output_hidden_states=True, return_dict=True)
         return torch.stack(out.hidden_states[-self.num_kept:], dim=1)
 
 
