@@ -5,6 +5,9 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
+# DeepSpeed's JIT-built C++ ops (its CPU collective, cpu_adam) kept beside this environment: ~/.cache's one folder
+# is rebuilt whenever another environment loads them (tests/conftest.py says more)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
 .PHONY: demo test test-fast install bench gpu-smoke clean
 

@@ -14,6 +14,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed JIT-compiles C++ ops (its CPU shared-memory collective at every process-group start, cpu_adam for
+# offload: a minute or two each on 2 cores) into TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions, one
+# folder for every environment: a build against another environment's torch headers is rebuilt there, and the
+# other one's again on its next run. Each virtual environment keeps its own beside it (as `make` does), so every
+# process of the suite, the cluster tests' ranks and SLURM jobs included, loads one build.
+if sys.prefix != sys.base_prefix:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

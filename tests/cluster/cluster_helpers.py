@@ -23,8 +23,10 @@ PYTHON = sys.executable
 NODES = ("mt-node1", "mt-node2")
 SETUP_HINT = "run `bash cluster/ci/setup_services.sh` as root to install and start it"
 # DeepSpeed JIT-compiles a CPU collective op on first use; anything else on the machine that loads it with other
-# flags recompiles it under a lock in ~/.cache (a minute or more on two cores). The cluster tests keep their own.
-TORCH_EXTENSIONS_DIR = os.environ.get("MT_TEST_TORCH_EXTENSIONS_DIR", "/tmp/managertower-cluster-tests/torch_extensions")
+# flags (another environment's torch headers) recompiles it under a lock in ~/.cache (a minute or more on two
+# cores). The cluster tests use the environment's own folder, which tests/conftest.py sets for the whole suite.
+TORCH_EXTENSIONS_DIR = (os.environ.get("MT_TEST_TORCH_EXTENSIONS_DIR") or os.environ.get("TORCH_EXTENSIONS_DIR")
+                        or "/tmp/managertower-cluster-tests/torch_extensions")
 
 
 # --- environment -------------------------------------------------------------------------------------------
