@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from .. import dist
 
+IGNORE = -100  # the label cross_entropy leaves out (its default ignore_index)
+
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the masked positions' logits; a batch where no token was picked gives a zero loss
@@ -58,8 +60,9 @@ def sample_hard_negatives(similarity: torch.Tensor, row_ids: torch.Tensor, colum
     weights = weights * negatives
     valid = negatives.any(1)
     dead = valid & (weights.sum(1) <= 0)
-    weights[dead] = negatives[dead].float()
-    weights[~valid] = 1.0  # any column; the row is dropped
+    # torch.where rather than masked assignment: no read-back of how many rows are dead (a GPU sync)
+    weights = torch.where(dead[:, None], negatives.float(), weights)
+    weights = torch.where(valid[:, None], weights, 1.0)  # any column; the row is dropped
     picked = torch.multinomial(weights, 1, generator=generator).squeeze(1)
     return picked, valid
 
@@ -75,13 +78,16 @@ def itm_pairs(t2i: torch.Tensor, i2t: torch.Tensor, ids: torch.Tensor, column_id
     alone (start 0). t2i (B x C): this rank's texts against the pool's images; i2t (B x C): this rank's images
     against the pool's texts; ids (B) and column_ids (C): their picture ids. Negatives are drawn from the
     softmax of a row with every positive zeroed (`sample_hard_negatives`); a row whose every candidate is a
-    positive gets none. Returns (text rows, image rows, labels 1 then 0) into the pool."""
+    positive gets none: its pair stays in place (3B rows always, so that no size is read back from the device)
+    with the label IGNORE, which cross_entropy leaves out. Returns (text rows, image rows, labels: 1 for the B
+    positives, then 0 or IGNORE) into the pool."""
     size = ids.shape[0]
     own = torch.arange(size, device=ids.device) + start
     neg_image, text_ok = sample_hard_negatives(t2i, ids, column_ids, generator)
     neg_text, image_ok = sample_hard_negatives(i2t, ids, column_ids, generator)
-    text_rows = torch.cat([own, own[text_ok], neg_text[image_ok]])
-    image_rows = torch.cat([own, neg_image[text_ok], own[image_ok]])
-    labels = torch.zeros(len(text_rows), dtype=torch.long, device=ids.device)
-    labels[:size] = 1
+    text_rows = torch.cat([own, own, neg_text])
+    image_rows = torch.cat([own, neg_image, own])
+    negative = torch.zeros(size, dtype=torch.long, device=ids.device)
+    labels = torch.cat([torch.ones_like(negative), torch.where(text_ok, negative, IGNORE),
+                        torch.where(image_ok, negative, IGNORE)])
     return text_rows, image_rows, labels

@@ -62,13 +62,10 @@ def recall_at_k(ranked: torch.Tensor, positives: list[set[int]], ks: Sequence[in
     """ranked: Q x K candidate indices, best first (-1 pads a short list); positives[q]: the right candidates.
     recall@k = fraction of queries with a right candidate among their first k."""
     out = {}
-    queries = ranked.shape[0]
+    rows = ranked.tolist()
     for k in ks:
-        hits = 0
-        for q in range(queries):
-            top = ranked[q, :k].tolist()
-            hits += any(c in positives[q] for c in top)
-        out[k] = hits / max(1, queries)
+        hits = sum(any(c in positives[q] for c in row[:k]) for q, row in enumerate(rows))
+        out[k] = hits / max(1, len(rows))
     return out
 
 

@@ -46,7 +46,7 @@ from ..model import ITCHead, ITMHead, init_new_weights
 from . import metrics
 from ..data.loader import Collator
 from .finetune import FinetuneTask, TextCollator
-from .losses import itc_loss, itm_pairs
+from .losses import IGNORE, itc_loss, itm_pairs
 
 
 def image_key(image_id) -> int:
@@ -135,7 +135,8 @@ class RetrievalTask(FinetuneTask):
         logits = self.itm_logits(text_pool[text_rows], mask_pool[text_rows], image_pool[image_rows])
         loss_itm = F.cross_entropy(logits, labels)
         with torch.no_grad():
-            acc_itm = (logits.argmax(-1) == labels).float().mean()
+            counted = labels != IGNORE  # the pairs of a row that had no negative are left out
+            acc_itm = ((logits.argmax(-1) == labels) & counted).sum() / counted.sum()
             acc_itc = (all_image_ids[t2i.argmax(1)] == image_ids).float().mean()
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm, "acc_itm": acc_itm,
                 "acc_itc": acc_itc, "temperature": temperature.detach(), "batch_size": ids.shape[0],
@@ -199,16 +200,21 @@ class RetrievalTask(FinetuneTask):
         k_texts = min(self.cfg.task.retrieval_topk, n_texts)
         text_top = _topk_rows(all_text_emb, all_image_emb, k_images)  # n_texts x k_images
         image_top = _topk_rows(all_image_emb, all_text_emb, k_texts)  # n_images x k_texts
+        text_top_host, image_top_host = text_top.tolist(), image_top.tolist()  # one read-back: host loops below
         itc_metrics = metrics.retrieval_recall(text_top.cpu(), image_top.cpu(), text_to_image, prefix="itc_")
         # 5. ITM logits of the candidate pairs whose picture this rank holds; summed across ranks.
         ir_logits = torch.zeros(n_texts, k_images, 2, device=device)
         tr_logits = torch.zeros(n_images, k_texts, 2, device=device)
-        mine = (owners == rank).to(device)
+        mine = (owners == rank).tolist()
         pairs: dict[tuple[int, int], list] = {}
-        for t, g in zip(*torch.nonzero(mine[text_top], as_tuple=True)):
-            pairs.setdefault((int(t), int(text_top[t, g])), []).append(("ir", int(t), int(g)))
-        for g, s in zip(*torch.nonzero(mine[:, None].expand_as(image_top), as_tuple=True)):
-            pairs.setdefault((int(image_top[g, s]), int(g)), []).append(("tr", int(g), int(s)))
+        for t, candidates in enumerate(text_top_host):
+            for g, image in enumerate(candidates):
+                if mine[image]:
+                    pairs.setdefault((t, image), []).append(("ir", t, g))
+        for image, candidates in enumerate(image_top_host):
+            if mine[image]:
+                for s, text in enumerate(candidates):
+                    pairs.setdefault((text, image), []).append(("tr", image, s))
         ordered = sorted(pairs, key=lambda pair: (pair[1], pair[0]))
         chunk = max(128, 8 * batch_size)  # pairs per fusion call, sorted by picture: few distinct texts each
         local_layers = torch.cat(image_layers) if image_layers else None
