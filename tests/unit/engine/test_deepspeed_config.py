@@ -1,21 +1,25 @@
 """The DeepSpeed config: engine knobs from the layout file, batch sizes from the recipe, the precision section
-of each ZeRO layout and precision, and the layout files as package data of ds_configs."""
+of each ZeRO layout and precision, the precision the engine runs on a GPU or a CPU (with or without bf16
+instructions) and the log note when it differs, and the layout files as package data of ds_configs."""
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
 
 from managertower.config import DS_LAYOUTS, PRECISIONS, ConfigError, load_config
-from managertower.engine.deepspeed_config import build_ds_config
+from managertower.engine import deepspeed_config
+from managertower.engine.deepspeed_config import build_ds_config, cpu_has_bf16, effective_precision, precision_notes
 
 
 def test_ds_config_takes_engine_knobs_from_file_and_batches_from_recipe(tmp_path):
     train = load_config(None, ["train.global_batch=4096", "train.micro_batch=8", "train.zero_stage=2",
                                "train.grad_clip=1.0"]).train
     config, path = build_ds_config(train, world_size=64)
-    assert path.name == "zero2.json" and "bf16" not in config and "fp16" not in config  # no CUDA here: fp32
+    assert path.name == "zero2.json" and "fp16" not in config
+    assert ("bf16" in config) == (effective_precision(train) == "bf16")  # what this machine runs
     assert config["train_batch_size"] == 4096 and config["train_micro_batch_size_per_gpu"] == 8
     assert config["gradient_accumulation_steps"] == 8  # 8 x 64 x 8 = 4096, the paper's arithmetic
     assert config["gradient_clipping"] == 1.0 and config["zero_optimization"]["stage"] == 2
@@ -30,8 +34,6 @@ def test_ds_config_takes_engine_knobs_from_file_and_batches_from_recipe(tmp_path
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("stage, offload", sorted(DS_LAYOUTS))
 def test_ds_config_of_each_layout_and_precision(stage, offload, precision):
-    from managertower.engine.deepspeed_config import build_ds_config, effective_precision
-
     train = load_config(None, [f"train.zero_stage={stage}", f"train.offload={offload}", f"train.precision={precision}",
                                "train.global_batch=64", "train.micro_batch=8", "train.grad_clip=1.0"]).train
     config, path = build_ds_config(train, world_size=4, precision=precision)
@@ -51,7 +53,7 @@ def test_ds_config_of_each_layout_and_precision(stage, offload, precision):
         assert config["fp16"]["enabled"] is True and config["fp16"]["loss_scale"] == 0 and "bf16" not in config
     else:
         assert "bf16" not in config and "fp16" not in config
-    # without an explicit precision: what this machine runs (fp32 without CUDA)
+    # without an explicit precision: what this machine runs
     assert build_ds_config(train, world_size=4)[0] == build_ds_config(train, 4, effective_precision(train))[0]
 
 
@@ -64,3 +66,57 @@ def test_layout_files_are_package_data_of_ds_configs():
         path = layout_path(load_config(None, [f"train.zero_stage={stage}", f"train.offload={offload}"]).train)
         assert path.is_file() and path.resolve().parent == package
     assert sorted(p.name for p in package.glob("*.json")) == sorted(DS_LAYOUTS.values())  # no file left unnamed
+
+
+def _train(*overrides: str):
+    return load_config(None, list(overrides)).train
+
+
+@pytest.mark.parametrize("asked, has_bf16, runs, note", [
+    ("bf16", True, "bf16", None),
+    ("bf16", False, "fp32", "this CPU has no bf16 instructions"),
+    ("fp16", True, "fp32", "train.precision=fp16 needs CUDA"),
+    ("fp16", False, "fp32", "train.precision=fp16 needs CUDA"),
+    ("fp32", True, "fp32", None),
+    ("fp32", False, "fp32", None),
+])
+def test_precision_on_the_cpu(monkeypatch, asked, has_bf16, runs, note):
+    """On the CPU bf16 runs where the CPU has bf16 instructions; otherwise (and for fp16) the run falls back to
+    fp32 with one log note saying why; the DeepSpeed config carries the precision that runs."""
+    monkeypatch.setattr(deepspeed_config, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(deepspeed_config.torch.cuda, "is_available", lambda: False)
+    train = _train(f"train.precision={asked}", "train.global_batch=8", "train.micro_batch=8")
+    assert effective_precision(train) == runs
+    notes = precision_notes(train)
+    assert (notes == []) if note is None else (len(notes) == 1 and note in notes[0] and "running fp32" in notes[0])
+    config = build_ds_config(train, world_size=1)[0]
+    assert ("bf16" in config, "fp16" in config) == (runs == "bf16", False)
+
+
+@pytest.mark.parametrize("device, accelerator, on_gpu", [
+    ("auto", None, True), ("cuda", None, True), ("cpu", "cpu", False), ("auto", "cpu", False)])
+def test_precision_on_a_gpu_machine(monkeypatch, device, accelerator, on_gpu):
+    """With CUDA, train.precision runs as asked (fp16 too) unless the run is put on the CPU (train.device=cpu,
+    DS_ACCELERATOR=cpu, as dist.device decides): then the CPU's rules hold, here a CPU without bf16."""
+    monkeypatch.setattr(deepspeed_config, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(deepspeed_config.torch.cuda, "is_available", lambda: True)
+    if accelerator is None:
+        monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    else:
+        monkeypatch.setenv("DS_ACCELERATOR", accelerator)
+    for asked in ("bf16", "fp16", "fp32"):
+        train = _train(f"train.precision={asked}", f"train.device={device}")
+        assert effective_precision(train) == (asked if on_gpu else "fp32")
+        assert bool(precision_notes(train)) == (not on_gpu and asked != "fp32")
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="reads x86 /proc/cpuinfo")
+def test_cpu_bf16_detection_agrees_with_the_cpu_flags():
+    """cpu_has_bf16 is the kernel's avx512_bf16 / amx_bf16 flags (not DeepSpeed's is_bf16_supported, which says
+    True on every CPU, nor oneDNN's check, which says True on any AVX512 CPU where bf16 is emulated)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
