@@ -73,8 +73,10 @@ class TextExpert(nn.Module):
         The padding mask goes in ready-made (B x 1 x 1 x L, True: attend), as SDPA takes it: from a 2-D mask
         transformers first asks whether any token is padded (`mask.all()`), a read-back that makes every
         micro-step wait for the GPU."""
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask[:, None, None, :].bool(),
-                           output_hidden_states=True, return_dict=True)
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, None, None, :].bool()
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                           return_dict=True)
         return torch.stack(out.hidden_states[-self.num_kept:], dim=1)
 
 
