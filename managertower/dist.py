@@ -186,6 +186,23 @@ def init(timeout_s: int = 600) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=timeout_s))
+    _start_control_group(timeout_s)
+
+
+_CONTROL_GROUP = None  # a gloo group over every rank when the main backend is not gloo (control_group)
+
+
+def _start_control_group(timeout_s: int) -> None:
+    global _CONTROL_GROUP
+    if torch.distributed.get_backend() != "gloo" and _CONTROL_GROUP is None:
+        _CONTROL_GROUP = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def control_group():
+    """The process group for the loop's small host-side agreements (the stop flag at every step boundary): gloo
+    on CPU tensors, so that agreeing never waits for the GPU's queued work as an NCCL collective read back with
+    .item() would. The default group when that is gloo already."""
+    return _CONTROL_GROUP
 
 
 def barrier() -> None:
@@ -194,10 +211,11 @@ def barrier() -> None:
 
 
 def all_reduce_max(value: float) -> float:
+    """The largest of every rank's `value`, agreed on the host (control_group: no GPU synchronisation)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
-    tensor = torch.tensor([float(value)], device=collective_device())
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    tensor = torch.tensor([float(value)])
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=control_group())
     return float(tensor.item())
 
 

@@ -44,6 +44,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import signal
 import socket
 import threading
@@ -60,20 +61,50 @@ from .deepspeed_config import build_ds_config, effective_precision, precision_no
 from .logging import RunLogger, loss_curve_figure
 from .optim import build_optimizer, build_scheduler, param_groups
 
-# Dense bf16 peak TFLOP/s per GPU, for the MFU estimate (override with MT_PEAK_TFLOPS).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0, "V100": 125.0}
+# Dense (no sparsity) peak TFLOP/s per GPU for the MFU estimate, by the precision a run's matrix products use: bf16
+# (and fp16), tf32 (an fp32 run with train.tf32) and plain fp32; from NVIDIA's data sheets. The name
+# torch.cuda.get_device_name() reports must match a pattern whole: an H100 PCIe or an H200 NVL is not an SXM part
+# (a GPU not listed logs no MFU; MT_PEAK_TFLOPS sets the peak, in TFLOP/s, for any GPU).
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    (r"(NVIDIA )?H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    (r"(NVIDIA )?H100 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    (r"(NVIDIA )?H100( 80GB HBM3| SXM5? 80GB)?", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    (r"(NVIDIA )?H200 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    (r"(NVIDIA )?H200( 141GB HBM3e)?", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    (r"(NVIDIA )?GH200( 480GB| 144G HBM3e)?", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    (r"(NVIDIA )?A100([- ]SXM4)?([- ](40|80)GB)?( PCIe)?|(NVIDIA )?A100-PCIE-(40|80)GB",
+     {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    (r"(NVIDIA )?A10", {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2}),
+    (r"(NVIDIA )?L40S", {"bf16": 362.0, "tf32": 183.0, "fp32": 91.6}),
+    (r"(NVIDIA )?L40", {"bf16": 181.0, "tf32": 90.5, "fp32": 90.5}),
+    (r"(NVIDIA )?L4", {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3}),
+    (r"Tesla V100-SXM2-(16|32)GB", {"fp16": 125.0, "fp32": 15.7}),
+    (r"Tesla V100-PCIE-(16|32)GB", {"fp16": 112.0, "fp32": 14.0}),
+)
 
 
-def peak_flops() -> float | None:
+def matmul_precision(precision: str, tf32: bool) -> str:
+    """The precision a run's matrix products use: bf16/fp16, or tf32 for an fp32 run on CUDA with train.tf32."""
+    if precision == "fp32":
+        return "tf32" if tf32 and torch.cuda.is_available() else "fp32"
+    return precision
+
+
+def peak_flops(matmul: str, name: str | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device for `matmul` precision, where it came from); (None, why) when unknown."""
     if "MT_PEAK_TFLOPS" in os.environ:
-        return float(os.environ["MT_PEAK_TFLOPS"]) * 1e12
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return value * 1e12
-    return None
+        return float(os.environ["MT_PEAK_TFLOPS"]) * 1e12, "MT_PEAK_TFLOPS"
+    if name is None:
+        if not torch.cuda.is_available():
+            return None, "no GPU"
+        name = torch.cuda.get_device_name()
+    for pattern, peaks in PEAK_TFLOPS:
+        if re.fullmatch(pattern, name.strip()):
+            key = "bf16" if matmul == "fp16" and "fp16" not in peaks else matmul
+            if key in peaks:
+                return peaks[key] * 1e12, f"{name} {matmul} dense peak {peaks[key]:g} TFLOP/s"
+            return None, f"{name} has no {matmul} peak listed"
+    return None, f"no peak listed for {name!r}: set MT_PEAK_TFLOPS (TFLOP/s per GPU) for an MFU figure"
 
 
 # --- stopping on signals -----------------------------------------------------------------------------------------
@@ -286,48 +317,72 @@ def _holder(text: str) -> str:
 
 class _LogWindow:
     """What the micro-steps since the last log line add up to, summed on each rank: the losses and accuracies
-    (means are taken over all ranks' micro-steps when logged), and the samples and tokens for the throughput."""
+    (means are taken over all ranks' micro-steps when logged), and the samples and tokens for the throughput.
+
+    Sums stay where the task computed them (the GPU in training) and are read back once per log line (`reduce`):
+    a micro-step never waits for the device. The throughput counts only timed work: the clock starts over after
+    the process's first optimizer step (start-up, JIT builds, the loader's first batches: `restart_clock`) and
+    evaluation and checkpoint time is taken out (`exclude`)."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.started = time.time()
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.micro_steps = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Throughput from here on (the loss sums are kept)."""
+        self.started = time.time()
+        self.excluded_s = 0.0
         self.samples = 0
-        self.tokens = 0
+        self.tokens: torch.Tensor | int = 0
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on other work than training steps (evaluation, checkpoints) in this window."""
+        self.excluded_s += seconds
 
     def add(self, out: dict, micro_batch: int) -> None:
-        """One micro-step's task output (`forward`'s dict)."""
+        """One micro-step's task output (`forward`'s dict): device tensors are summed on the device."""
         for key, value in out.items():
             if key.startswith(("loss", "acc")):
-                self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+                value = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else float(value)
+                self.sums[key] = self.sums.get(key, 0.0) + value
         self.micro_steps += 1
         self.samples += int(out.get("batch_size", micro_batch))
-        self.tokens += int(out.get("tokens", 0))
+        tokens = out.get("tokens", 0)
+        self.tokens = self.tokens + (tokens.detach() if isinstance(tokens, torch.Tensor) else int(tokens))
 
     def state_dict(self) -> dict:
         """This rank's sums so far, for the checkpoint: the first window logged after a resume then holds the
-        micro-steps before the checkpoint too, as the uninterrupted run's does (and its time so far)."""
-        return {"sums": dict(self.sums), "micro_steps": self.micro_steps, "samples": self.samples,
-                "tokens": self.tokens, "elapsed_s": time.time() - self.started}
+        micro-steps before the checkpoint too, as the uninterrupted run's does (and its timed work so far)."""
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "micro_steps": self.micro_steps,
+                "samples": self.samples, "tokens": int(self.tokens), "elapsed_s": self.elapsed_s()}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = {str(k): float(v) for k, v in state["sums"].items()}
         self.micro_steps, self.samples, self.tokens = (int(state[k]) for k in ("micro_steps", "samples", "tokens"))
-        self.started = time.time() - float(state["elapsed_s"])
+        self.started, self.excluded_s = time.time() - float(state["elapsed_s"]), 0.0
 
-    def reduce(self) -> tuple[dict[str, float], float, float]:
-        """(mean of each loss / accuracy, samples/s, tokens/s) over every rank; every rank calls this."""
+    def elapsed_s(self) -> float:
+        return max(time.time() - self.started - self.excluded_s, 1e-9)
+
+    def reduce(self, device: torch.device) -> tuple[dict[str, float], float | None, float | None]:
+        """(mean of each loss / accuracy, samples/s, tokens/s) over every rank, with one read-back from the
+        device; every rank calls this. The rates are None when the window timed no work (the first window of a
+        run logging every step)."""
         keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] for k in keys] + [self.micro_steps, self.samples, self.tokens],
-                              dtype=torch.float64)
-        values = dist.all_reduce_sum(values)
-        count = values[len(keys)].item()
-        elapsed = max(time.time() - self.started, 1e-9)
-        means = {k: values[i].item() / count for i, k in enumerate(keys)}
-        return means, values[len(keys) + 1].item() / elapsed, values[len(keys) + 2].item() / elapsed
+        values = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device) for k in keys]
+                             + [torch.as_tensor(v, dtype=torch.float64, device=device)
+                                for v in (self.micro_steps, self.samples, self.tokens)])
+        totals = dist.all_reduce_sum(values).tolist()
+        count, samples, tokens = totals[len(keys):]
+        means = {k: totals[i] / count for i, k in enumerate(keys)}
+        if not samples:
+            return means, None, None
+        elapsed = self.elapsed_s()
+        return means, samples / elapsed, tokens / elapsed
 
 
 # --- what a resumed run may change -------------------------------------------------------------------------------
@@ -451,7 +506,7 @@ class Trainer:
                      f"{self.world} ranks = global batch {cfg.train.global_batch}; {effective_precision(cfg.train)}, "
                      f"ZeRO stage {ds_config['zero_optimization']['stage']} ({ds_path.name})")
         notes += resume_notes
-        notes += precision_notes(cfg.train)
+        notes += precision_notes(cfg.train) + self._set_matmul_precision()
         notes += self._load_start_weights(resume, meta, exact)
         self._start_deepspeed(ds_config)
         self.step = int(meta["step"]) if resume else 0
@@ -472,10 +527,21 @@ class Trainer:
         for note in notes:
             self._note(note)
         self.flops_per_sample = task.train_flops_per_sample()
-        self.peak_flops = peak_flops()
+        self.clock_started = False  # the throughput clock starts after this process's first optimizer step
         self.batches = iter(self.loader)
         self.fit_started = time.time()
         self.engine.train()
+
+    def _set_matmul_precision(self) -> list[str]:
+        """TF32 for an fp32 run's matrix products on CUDA (train.tf32), and the peak the MFU divides by."""
+        train = self.cfg.train
+        matmul = matmul_precision(effective_precision(train), train.tf32)
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = matmul == "tf32"
+        self.peak_flops, source = peak_flops(matmul)
+        if not torch.cuda.is_available() and self.peak_flops is None:
+            return []
+        return [f"MFU against {source}" if self.peak_flops else f"no MFU in the log: {source}"]
 
     def _lock_run_folder(self) -> list[str]:
         """Rank 0 takes RUN/.lock before the process group starts: RunFolderBusy at once when another run holds
@@ -581,6 +647,11 @@ class Trainer:
             self.window.add(out, self.cfg.train.micro_batch)
         self.task.after_optimizer_step()  # on every rank (the ITC temperature clamp; a collective under ZeRO)
         self.step += 1
+        if not self.clock_started:  # start-up, JIT builds and the first batches stay out of the throughput
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.window.restart_clock()
+            self.clock_started = True
         self.samples_seen += self.cfg.train.global_batch
         self.logger.advance()
         return lr
@@ -599,15 +670,16 @@ class Trainer:
     # --- log, evaluate, save ---------------------------------------------------------------------------
     def _log(self, lr: float, picture: bool) -> None:
         """One metrics line (every rank takes part in the reduction), and the managers' weights."""
-        means, samples_per_s, tokens_per_s = self.window.reduce()
+        means, samples_per_s, tokens_per_s = self.window.reduce(self.device)
         scalars = {**means, "lr": lr}
         grad_norm = self.engine.get_global_grad_norm() if hasattr(self.engine, "get_global_grad_norm") else None
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
-        scalars["samples_per_s"] = samples_per_s
-        scalars["tokens_per_s"] = tokens_per_s
-        if self.flops_per_sample and self.peak_flops:
-            scalars["mfu"] = samples_per_s * self.flops_per_sample / (self.peak_flops * self.world)
+        if samples_per_s is not None:
+            scalars["samples_per_s"] = samples_per_s
+            scalars["tokens_per_s"] = tokens_per_s
+            if self.flops_per_sample and self.peak_flops:
+                scalars["mfu"] = samples_per_s * self.flops_per_sample / (self.peak_flops * self.world)
         self.logger.log(self.step, scalars)
         weights = self.task.manager_weights()
         if weights:
@@ -616,10 +688,12 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         ckpt.fault_point("eval", self.step)
+        started = time.time()
         self.engine.eval()
         with torch.no_grad():
             metrics = self.task.evaluate(self.rank, self.world, self.device)
         self.engine.train()
+        self.window.exclude(time.time() - started)
         if metrics:
             self.logger.log(self.step, {f"eval_{k}": v for k, v in metrics.items()})
             self._note(f"step {self.step} eval: " +
@@ -627,11 +701,13 @@ class Trainer:
         return metrics
 
     def _save(self) -> None:
+        started = time.time()
         self.last_checkpoint = ckpt.save(
             self.engine, self.ckpt_dir, self.step,
             meta={"samples_seen": self.samples_seen, "task": self.task.name, "config": self.cfg.to_dict()},
             rank_state={"loader": self.loader.state_dict(), "log_window": self.window.state_dict()},
             keep=self.cfg.checkpoint.keep)
+        self.window.exclude(time.time() - started)
 
     def _note(self, text: str) -> None:
         """A line in the console log (rank 0), above the progress bar."""

@@ -293,5 +293,5 @@ def test_the_logging_window_resumes_with_its_sums():
     resumed.load_state_dict(torch.load(buffer, weights_only=True)["log_window"])
     for out in outs[2:]:
         resumed.add(out, 8)
-    assert resumed.reduce()[0] == whole.reduce()[0]  # bitwise: the same sums in the same order
+    assert resumed.reduce(torch.device("cpu"))[0] == whole.reduce(torch.device("cpu"))[0]  # bitwise: the same sums in the same order
     assert (resumed.micro_steps, resumed.samples, resumed.tokens) == (4, 32, 160)
