@@ -84,7 +84,7 @@ end.record()
 torch.cuda.synchronize()
 tflops = 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
 from managertower.engine.loop import peak_flops  # what the runs' MFU divides by (imports DeepSpeed)
-peak = peak_flops()
+peak, _ = peak_flops("bf16")  # the bf16 peak: the smoke runs train in bf16
 result("bf16 GEMM 8192^3", f"{tflops:.0f} TFLOP/s" + (f" = {tflops * 1e12 / peak:.0%} of the {peak / 1e12:.0f} the "
        "MFU divides by" if peak else " (no peak known for this GPU, so no MFU: set MT_PEAK_TFLOPS)"))
 EOF
@@ -104,7 +104,7 @@ from managertower.engine.loop import peak_flops
 from managertower.model import layer_norm
 from managertower.model.experts import TINY_TOKENIZER
 from managertower.tasks.pretrain import PretrainTask
-BATCH, DEVICE, PEAK = 32, torch.device("cuda", 0), peak_flops()
+BATCH, DEVICE, PEAK = 32, torch.device("cuda", 0), peak_flops("bf16")[0]
 def result(key, value): print(f"RESULT {key}: {value}", flush=True)
 if not torch.cuda.is_available():
     sys.exit(f"error: torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}) sees no usable GPU")
@@ -185,8 +185,8 @@ if failures:
 EOF
 
 cat > "$WORK/py/run_metrics.py" <<'EOF'
-"""Stages 3 and 5: a pre-training run's figures from RUN/metrics.jsonl (medians without the first logged window,
-which holds the start-up) and RUN/summary.json."""
+"""Stages 3 and 5: a pre-training run's figures from RUN/metrics.jsonl (medians of the logged windows: the loop
+times steps only, from the second on) and RUN/summary.json."""
 import json, math, statistics, sys
 from pathlib import Path
 def result(key, value): print(f"RESULT {key}: {value}", flush=True)
@@ -194,11 +194,11 @@ run = Path(sys.argv[1])
 rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 train = [r for r in rows if r.get("samples_per_s") is not None]
 def median(key):
-    values = [r[key] for r in (train[1:] or train) if r.get(key) is not None]
+    values = [r[key] for r in train if r.get(key) is not None]
     return statistics.median(values) if values else float("nan")
 result("loss at steps " + " ".join(str(r["step"]) for r in train), " ".join(f"{r['loss']:.3f}" for r in train))
 mfu = median("mfu")
-result("median after the first window", f"{median('samples_per_s'):.1f} samples/s, {median('tokens_per_s'):.0f} "
+result("median of the windows", f"{median('samples_per_s'):.1f} samples/s, {median('tokens_per_s'):.0f} "
        f"tokens/s, MFU {f'{mfu:.1%}' if math.isfinite(mfu) else 'none (no peak known for this GPU)'}")
 for r in rows:
     if any(k.startswith("eval_") for k in r):
