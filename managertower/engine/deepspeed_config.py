@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DS_LAYOUTS, DS_PRECISION_SECTIONS, TrainConfig, read_ds_config
+from ..config import DS_LAYOUTS, DS_PRECISION_SECTIONS, ConfigError, TrainConfig, read_ds_config
 
 # What build_ds_config writes for train.precision when the file has no precision section of its own.
 PRECISION_SECTIONS = {
@@ -81,6 +81,14 @@ def build_ds_config(train: TrainConfig, world_size: int, precision: str | None =
         path = layout_path(train)
         config = json.loads(path.read_text())
     config.setdefault("zero_optimization", {}).setdefault("stage", train.zero_stage)
+    if train.precision == "bf16" and train.zero_stage == 0:
+        # Refused on every machine (also where this one would run fp32): the recipe cannot run on the GPUs it is
+        # written for, better said by a CPU smoke test than by the first GPU job.
+        raise ConfigError("train.precision=bf16 needs train.zero_stage >= 1: DeepSpeed accumulates gradients in "
+                          "fp32 under bf16 only with its ZeRO optimizers (at stage 0 it refuses fp32 accumulation, "
+                          "\"unsupported mix of model_dtype=torch.bfloat16 and grad_accum_dtype=torch.float32\"). "
+                          "Set train.zero_stage=1 (the optimizer states sharded, nothing else changes) or "
+                          "train.precision=fp32")
     precision = precision or effective_precision(train)
     if precision == "fp32":
         # fp32 asked, or a CPU without bf16: no precision section (the loop says so once in the log).
@@ -88,6 +96,8 @@ def build_ds_config(train: TrainConfig, world_size: int, precision: str | None =
             config.pop(section, None)
     elif not any(section in config for section in DS_PRECISION_SECTIONS):
         config.update(copy.deepcopy(PRECISION_SECTIONS[precision]))
+    if precision == "bf16":  # a file of one's own with a bf16 section too, unless it says otherwise
+        config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     config["train_batch_size"] = train.global_batch
     config["train_micro_batch_size_per_gpu"] = train.micro_batch
     config["gradient_accumulation_steps"] = train.grad_accum(world_size)

@@ -36,6 +36,10 @@ def test_ds_config_takes_engine_knobs_from_file_and_batches_from_recipe(tmp_path
 def test_ds_config_of_each_layout_and_precision(stage, offload, precision):
     train = load_config(None, [f"train.zero_stage={stage}", f"train.offload={offload}", f"train.precision={precision}",
                                "train.global_batch=64", "train.micro_batch=8", "train.grad_clip=1.0"]).train
+    if (stage, precision) == (0, "bf16"):  # DeepSpeed accumulates bf16's gradients in fp32 only under ZeRO
+        with pytest.raises(ConfigError, match="train.precision=bf16 needs train.zero_stage >= 1"):
+            build_ds_config(train, world_size=4, precision=precision)
+        return
     config, path = build_ds_config(train, world_size=4, precision=precision)
     assert path.name == DS_LAYOUTS[(stage, offload)]
     zero = config["zero_optimization"]
@@ -55,6 +59,18 @@ def test_ds_config_of_each_layout_and_precision(stage, offload, precision):
         assert "bf16" not in config and "fp16" not in config
     # without an explicit precision: what this machine runs
     assert build_ds_config(train, world_size=4)[0] == build_ds_config(train, 4, effective_precision(train))[0]
+
+
+@pytest.mark.parametrize("data_types, accumulates", [(None, "fp32"), ({"grad_accum_dtype": "bf16"}, "bf16")])
+def test_a_bf16_file_of_ones_own_accumulates_in_fp32_unless_it_says_otherwise(tmp_path, data_types, accumulates):
+    own = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    if data_types:
+        own["data_types"] = data_types
+    path = tmp_path / "own.json"
+    path.write_text(json.dumps(own))
+    train = load_config(None, [f"train.ds_config={path}", "train.precision=bf16"]).train
+    config = build_ds_config(train, world_size=1, precision="bf16")[0]
+    assert config["bf16"] == {"enabled": True} and config["data_types"] == {"grad_accum_dtype": accumulates}
 
 
 def test_layout_files_are_package_data_of_ds_configs():
