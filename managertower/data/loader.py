@@ -44,9 +44,10 @@ import torch
 
 from ..config import ConfigError
 from . import dali
-from .augment import TRANSFORMS, Geometry, augment_example, mix_seed, normalize, sample_geometry
+from .augment import TRANSFORMS, Geometry, augment_example, mix_seed, normalize, normalize_into, sample_geometry
 from .plan import BadSample, RawSample, plan_rank, raw_from_state, raw_state
 from .shards import META, PRIMARY_IMAGE
+from .workers import ImageWorkers
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class LoaderSpec:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
-    num_threads: int = 2  # DALI decoding threads, or webdataset worker processes
+    num_threads: int = 2  # DALI decoding threads, or webdataset worker processes; and the image worker threads
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.01
     bad_fraction_floor: int = 1000
@@ -200,8 +201,9 @@ class Loader:
     batches handed out so far.
     """
 
-    def __init__(self, spec: LoaderSpec, sources: list, decoder: "dali.DaliDecoder | None", device: torch.device):
-        self.spec, self.sources, self.decoder, self.device = spec, sources, decoder, device
+    def __init__(self, spec: LoaderSpec, sources: list, decoder: "dali.DaliDecoder | None", device: torch.device,
+                 workers: ImageWorkers):
+        self.spec, self.sources, self.decoder, self.device, self.workers = spec, sources, decoder, device, workers
         weights = spec.weights if spec.weights is not None else [1.0] * len(sources)
         self.weights = torch.tensor(list(map(float, weights)), dtype=torch.double)
         self.backend, self.batch_size, self.image_size, self.exts = (
@@ -296,7 +298,7 @@ class Loader:
                 if raw.meta.get("__bad_json__"):
                     raise ValueError("metadata is not valid JSON")
                 sizes = [dali.jpeg_size(payload) for payload in raw.encoded]  # a header that does not parse: bad
-                if not self.per_example:  # per-example views draw their crops later, from the whole image
+                if self.decoder.needs_geometry:  # DALI crops on the GPU; else the worker threads place it
                     geometries[id(raw)] = [
                         (sample_geometry(width, height, self.image_size, self.transform, mix_seed(raw.seed, k),
                                          self.hflip), width, height) for k, (width, height) in enumerate(sizes)]
@@ -306,7 +308,7 @@ class Loader:
         per_ext = []
         for k in range(len(self.exts)):
             images = self.decoder([r.encoded[k] for r in ok],
-                                  None if self.per_example else [geometries[id(r)][k] for r in ok])
+                                  [geometries[id(r)][k] for r in ok] if self.decoder.needs_geometry else None)
             per_ext.append(images)
             for raw, image in zip(ok, images):
                 if isinstance(image, str):
@@ -409,9 +411,18 @@ class Loader:
         training), else the image as decoded, shared by the image's examples."""
         if not self.per_example:
             return self._batch_images([raw.decoded[k] for _, raw, _ in chosen])
-        views = [augment_example(raw.decoded[k], self.image_size, mix_seed(raw.seed, k, j), self.hflip,
-                                 self.spec.colour_ops) for _, raw, j in chosen]
-        return normalize(_stack(views))
+
+        def view(item: tuple[dict, RawSample, int]) -> torch.Tensor:
+            _, raw, j = item
+            return augment_example(raw.decoded[k], self.image_size, mix_seed(raw.seed, k, j), self.hflip,
+                                   self.spec.colour_ops)
+
+        if chosen[0][1].decoded[k].device.type != "cpu":
+            return normalize(_stack([view(item) for item in chosen]))
+        # on the CPU every example is made in the worker threads, straight into its row of the batch
+        batch = torch.empty((len(chosen), 3, self.image_size, self.image_size), dtype=torch.float32)
+        self.workers.map(lambda i: normalize_into(batch[i], view(chosen[i])), range(len(chosen)))
+        return batch
 
     def _batch_images(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Stack the images; when they are exactly the rows of one decoder output, in order, and no example
@@ -505,6 +516,7 @@ class Loader:
             source.close()
         if self.decoder is not None:
             self.decoder.close()
+        self.workers.close()
 
     def __del__(self) -> None:
         try:
@@ -605,14 +617,15 @@ def build_loader(spec: LoaderSpec) -> Loader:
                               f"{spec.world_size}: every rank needs at least one")
     exts = tuple(spec.images)
     decoder = None
+    workers = ImageWorkers(spec.num_threads)  # resizing (DALI on the CPU) and per-example augmentation
     if spec.backend == "dali":
         sources = [dali.DaliReaderSource(d, plan, exts, train=spec.train, seed=spec.seed, rank=spec.rank,
                                          world_size=spec.world_size, shuffle_buffer=spec.shuffle_buffer,
                                          read_batch=max(spec.batch_size, 16))
                    for d, plan in enumerate(plans)]
         # decode where the batches go: device="mixed" on CUDA
-        decoder = dali.DaliDecoder(spec.batch_size, spec.image_size, whole=spec.transform == "albef_randaug",
-                                   num_threads=spec.num_threads, device=device)
+        decoder = dali.DaliDecoder(spec.batch_size, spec.image_size, transform=spec.transform,
+                                   num_threads=spec.num_threads, device=device, workers=workers)
     else:
         from .wds import WdsSource
 
@@ -620,4 +633,4 @@ def build_loader(spec: LoaderSpec) -> Loader:
                              shuffle_buffer=spec.shuffle_buffer, image_size=spec.image_size,
                              transform=spec.transform, num_workers=spec.num_threads)
                    for d, plan in enumerate(plans)]
-    return Loader(spec, sources, decoder, device)
+    return Loader(spec, sources, decoder, device, workers)
