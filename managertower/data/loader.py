@@ -23,6 +23,10 @@ hypotheses do not fill a batch together; otherwise (P = 1, and always in evaluat
 `batch_size` examples, in order. The collator makes the batch dict; the loader adds `pixel_values` (and
 `pixel_values_2` for a second image, NLVR2).
 
+Pixels on the CPU: the per-image work (the resize of a decoded image, every fine-tuning example's own
+augmented view, the normalisation into its row of the batch) runs in `num_threads` worker threads
+(`workers.py`), a pure function of the image and its seed, so the batches do not depend on the thread count.
+
 Exact resume: the state holds the DALI reader checkpoints (or the webdataset stream positions), the samples read
 but not yet used, the example buffer (with its images' encoded bytes, decoded again on restore, or the decoded
 images on the webdataset backend), the mixing and pool generators, the collator's state and the counters.

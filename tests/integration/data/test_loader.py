@@ -268,3 +268,18 @@ def test_pretrain_task_builds_its_loaders(data, tmp_path):
     loader.close()
     with pytest.raises(ShardError, match="data.val_shards"):
         task.build_loader("eval", 0, 1, "cpu")
+
+
+@pytest.mark.parametrize("transform", ["clip", "albef_randaug"])
+def test_worker_threads_do_not_change_the_batches(data, transform):
+    """Resizing and per-example augmentation run in `num_threads` worker threads: every image's pixels are a
+    function of the image and its seed alone, so one thread and three give the same batches bit for bit."""
+    def batches(threads):
+        loader = _loader([data["a"]], "dali", train=True, transform=transform, batch_size=6, example_pool=8,
+                         num_threads=threads)
+        out = [b for _, b in zip(range(4), loader)]
+        loader.close()
+        return out
+
+    for one, three in zip(batches(1), batches(3)):
+        _equal(one, three)
