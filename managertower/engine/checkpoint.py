@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -149,13 +150,14 @@ def _named_globals(file, error: Exception) -> str:
     return ", ".join(sorted(set(named))) or "Python objects"
 
 
-def load_plain(file: str | os.PathLike, allow: tuple[str, ...] = ()) -> object:
+def load_plain(file: str | os.PathLike, allow: tuple[str, ...] = (), mmap: bool = False) -> object:
     """torch.load(file, weights_only=True) on the CPU: tensors and plain values, plus the classes named in
     `allow`. A file holding anything else is refused (UnsafeCheckpoint) before any of it is constructed; a file
-    that is not a readable PyTorch file (cut short, damaged) is a DamagedCheckpoint. Both are one line naming it."""
+    that is not a readable PyTorch file (cut short, damaged) is a DamagedCheckpoint. Both are one line naming it.
+    `mmap`: tensors are read from the file when used (a look at one key of a large optimizer file)."""
     try:
         with torch.serialization.safe_globals(_allowed_classes(allow)):
-            return torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpoint(f"{file} holds pickled Python objects ({_named_globals(file, error)}) that loading "
                                "would construct and run: refused; give a checkpoint or weights file of tensors "
@@ -398,19 +400,58 @@ def load_rank_state(path: str | os.PathLike) -> dict | None:
 
 
 # --- weights ---------------------------------------------------------------------------------------------------
-def zero_partitioned(path: Path) -> bool:
-    """Whether a DeepSpeed checkpoint folder holds ZeRO optimizer partitions (with the fp32 master weights):
-    `zero_pp_rank_*_optim_states.pt`, or `bf16_zero_pp_rank_*` as bf16 ZeRO-1/2 names them. Without them the
-    module file is all there is (stage 0). Path.glob: a folder name with [ or ] is not a pattern."""
-    return any(path.glob("*zero_pp_rank_*optim_states.pt"))
+def optimizer_files(path: Path) -> list[Path]:
+    """The optimizer partition files of a DeepSpeed checkpoint folder, with the fp32 master weights, in rank order
+    (rank 10 after rank 9): `zero_pp_rank_*_optim_states.pt`, or `bf16_zero_pp_rank_*` as bf16 runs name them
+    (ZeRO-1/2). None in an fp32 stage-0 checkpoint, whose module file is all there is. Path.glob: a folder name
+    with [ or ] is not a pattern."""
+    rank = re.compile(r"zero_pp_rank_(\d+)_")
+    return sorted(path.glob("*zero_pp_rank_*optim_states.pt"), key=lambda file: int(rank.search(file.name).group(1)))
+
+
+def _bf16_optimizer_state_dict(path: Path, files: list[Path]) -> dict | None:
+    """The fp32 weights of a checkpoint written by DeepSpeed's BF16_Optimizer, or None when it is not one.
+
+    DeepSpeed runs bf16 with ZeRO stage 1 and fp32 gradient accumulation (train.precision=bf16
+    train.zero_stage=1, on GPUs or a CPU with bf16) through BF16_Optimizer, not its ZeRO optimizer. Each rank's
+    file holds its slice of every parameter group's flat fp32 master vector, as ZeRO-2's do, but without the
+    `zero_stage` key zero_to_fp32 goes by: it refuses them ("not a zero checkpoint"). Concatenated in rank order,
+    the slices are the group's parameters back to back (in the order of the module file's `param_shapes`) plus
+    padding at the end; read here with weights_only. The rest of the module (buffers, frozen parameters) comes
+    from the module file, in fp32."""
+    first = load_plain(files[0], allow=DEEPSPEED_GLOBALS, mmap=True)["optimizer_state_dict"]
+    if "zero_stage" in first or "single_partition_of_fp32_groups" not in first:
+        return None
+    slices = [load_plain(file, allow=DEEPSPEED_GLOBALS, mmap=True)["optimizer_state_dict"]
+              ["single_partition_of_fp32_groups"] for file in files]
+    model = load_plain(path / "mp_rank_00_model_states.pt", allow=DEEPSPEED_GLOBALS)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in model["module"].items()}
+    for group, shapes in enumerate(model["param_shapes"]):
+        flat = torch.cat([rank_slices[group] for rank_slices in slices])
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            if offset + numel > flat.numel():
+                raise DamagedCheckpoint(f"{path}: the fp32 master weights of parameter group {group} end before "
+                                        f"{name} (their {len(files)} optimizer files do not match the module file)")
+            state[name] = flat[offset:offset + numel].view(shape).clone()
+            offset += numel
+    for name, source in (model.get("shared_params") or {}).items():
+        state[name] = state[source]
+    return state
 
 
 def fp32_state_dict(path: str | os.PathLike) -> dict:
-    """Full fp32 weights of a DeepSpeed checkpoint folder (step-N), for any ZeRO stage. ZeRO partitions are
-    gathered by DeepSpeed's zero_to_fp32 (which unpickles with weights_only=False: `check_pickles` first on a
-    folder from elsewhere); the whole-model file of stage 0 is read here with weights_only."""
+    """Full fp32 weights of a DeepSpeed checkpoint folder (step-N), for any ZeRO stage and precision. The fp32
+    master weights of bf16 ZeRO-1 (BF16_Optimizer) are merged here; ZeRO partitions are gathered by DeepSpeed's
+    zero_to_fp32 (which unpickles with weights_only=False: `check_pickles` first on a folder from elsewhere); the
+    whole-model file of fp32 stage 0 is read here with weights_only."""
     path = Path(path)
-    if zero_partitioned(path):
+    files = optimizer_files(path)
+    if files:
+        state = _bf16_optimizer_state_dict(path, files)
+        if state is not None:
+            return state
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))
