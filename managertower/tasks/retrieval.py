@@ -55,9 +55,23 @@ def image_key(image_id) -> int:
 
 
 class RetrievalCollator(TextCollator):
+    """Texts, picture ids and, when the examples of a picture share its pixels (`shared_views`: no per-example
+    augmentation), which rows the vision expert encodes (`view_rows`) and each row's encoded row (`view_of_row`);
+    worked out here on the host, so the step reads nothing back from the device."""
+
+    def __init__(self, tokenizer, max_len: int, shared_views: bool):
+        super().__init__(tokenizer, max_len)
+        self.shared_views = shared_views
+
     def __call__(self, examples: list[dict], images=None) -> dict:
         batch = super().__call__(examples, images)
-        batch["image_ids"] = torch.tensor([image_key(e["image_id"]) for e in examples], dtype=torch.long)
+        keys = [image_key(e["image_id"]) for e in examples]
+        batch["image_ids"] = torch.tensor(keys, dtype=torch.long)
+        if self.shared_views:
+            first, inverse = _distinct_views(keys)
+            if len(first) < len(keys):
+                batch["view_rows"] = torch.tensor(first, dtype=torch.long)
+                batch["view_of_row"] = torch.tensor(inverse, dtype=torch.long)
         return batch
 
 
@@ -95,7 +109,8 @@ class RetrievalTask(FinetuneTask):
 
     def make_collator(self, train: bool):
         if train:
-            return RetrievalCollator(self.tokenizer, self.cfg.model.max_text_len)
+            return RetrievalCollator(self.tokenizer, self.cfg.model.max_text_len,
+                                     shared_views=not self.cfg.task.augment)
         return EvalImagesCollator()
 
     # --- the objective --------------------------------------------------------------------------------------
@@ -109,7 +124,7 @@ class RetrievalTask(FinetuneTask):
         model = self.model
         ids, mask, image_ids = batch["input_ids"], batch["attention_mask"], batch["image_ids"]
         pixels = batch["pixel_values"]
-        views, view_of_row = _distinct_views(image_ids, pixels)
+        views, view_of_row = batch.get("view_rows", slice(None)), batch.get("view_of_row")
         text_layers = model.encode_text(ids, mask)
         image_layers = model.encode_image(pixels[views].to(self.dtype))
         text_emb, view_emb = self.itc_head(text_layers[:, -1, 0], image_layers[:, -1, 0])
@@ -265,24 +280,18 @@ class RetrievalTask(FinetuneTask):
                                          for g in range(len(image_ids))]}, handle)
 
 
-def _distinct_views(image_ids: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
-    """(the rows the vision expert must encode, each row's encoded row or None for all rows). Captions of one
-    picture that come with the same pixels (no per-example augmentation) share one run; with their own augmented
-    views each caption's image is encoded, as the released code does."""
+def _distinct_views(image_ids: list[int]) -> tuple[list[int], list[int]]:
+    """(the first row of each picture, each row's index into those): captions of one picture that come with the
+    same pixels share one vision run; with their own augmented views each caption's image is encoded, as the
+    released code does."""
     seen: dict[int, int] = {}
     first, inverse = [], []
-    for row, value in enumerate(image_ids.tolist()):
+    for row, value in enumerate(image_ids):
         if value not in seen:
             seen[value] = len(first)
             first.append(row)
         inverse.append(seen[value])
-    if len(first) == len(inverse):
-        return slice(None), None
-    first_t = torch.tensor(first, dtype=torch.long, device=pixels.device)
-    inverse_t = torch.tensor(inverse, dtype=torch.long, device=pixels.device)
-    if not torch.equal(pixels[first_t][inverse_t], pixels):
-        return slice(None), None
-    return first_t, inverse_t
+    return first, inverse
 
 
 def _rows_before_this_rank(rows: int, device: torch.device) -> int:

@@ -64,9 +64,14 @@ def _tiny_task(*overrides: str):
 
 
 def _batch(task, pictures: list[int], views: torch.Tensor) -> dict:
+    """The train collator's batch with these views; the loader hands a picture's captions the same pixels
+    exactly when it does not augment each example (`shared_views`), as these views do or do not."""
     examples = [{"text": f"a {['red', 'blue', 'green', 'grey'][p % 4]} shape number {p} at the top left",
                  "image_id": p} for p in pictures]
-    batch = task.make_collator(train=True)(examples)
+    collator = task.make_collator(train=True)
+    first = {p: row for row, p in reversed(list(enumerate(pictures)))}
+    collator.shared_views = all(torch.equal(views[row], views[first[p]]) for row, p in enumerate(pictures))
+    batch = collator(examples)
     batch["pixel_values"] = views
     return batch
 
@@ -100,6 +105,8 @@ def test_released_itc_puts_one_image_per_caption():
         torch.testing.assert_close(out["loss_itc"], _released_itc(task, batch), rtol=1e-5, atol=1e-5)
     # Picture-once columns (the old rule) give another loss on the shared batch.
     batch = _batch(task, [7, 7, 9], shared)
+    assert batch["view_rows"].tolist() == [0, 2] and batch["view_of_row"].tolist() == [0, 0, 1]  # encoded once
+    assert "view_rows" not in _batch(task, [7, 7, 9], torch.randn(3, 3, 64, 64))
     model = task.model
     text, image = task.itc_head(model.encode_text(batch["input_ids"], batch["attention_mask"])[:, -1, 0],
                                 model.encode_image(shared[[0, 2]])[:, -1, 0])
