@@ -20,8 +20,14 @@ A jobs file (see finetune/jobs/*.yaml):
       - {task: vqav2, config: finetune/configs/tiny_vqav2.yaml, lr: [1e-4, 2e-4], overrides: [...]}
 
 Each job's run folder is OUT/TASK-seedS[-lrLR]; a job whose summary.json says it finished (steps == total) is
-skipped, and a job that was killed resumes from its newest checkpoint (checkpoint.resume=auto). After every
-job (run or skipped) the batch writes that job's rows, from its summary, to OUT/rows/NAME.json, then rebuilds
+skipped, and a job that was killed resumes from its newest checkpoint (checkpoint.resume=auto). Consecutive
+jobs to run with the same number of ranks (N > 1) share one launch: `deepspeed --num_gpus N --module
+finetune.batch JOBS --in-ranks I,J,...` starts the ranks once and each rank runs the jobs in turn (each from its
+own seed, as a launch of its own would: the same figures), so a batch pays the launcher's and the ranks' start-up
+once instead of once per job. The ranks stop at the first job that fails or is stopped; the batch then launches
+the jobs after it again (a failed job does not stop the others). Each job's output also goes to its
+RUN/launch.log. After every job (run or skipped) the batch writes that job's rows, from its summary, to
+OUT/rows/NAME.json, then rebuilds
 OUT/results.json (task, split, metric, value, checkpoint, seed, lr, wall_s, ...) and OUT/results.md
 (task | split | metric | value | checkpoint | wall time) from every job's row file, holding an exclusive lock
 on OUT/results.lock (fcntl.flock): SLURM array tasks that finish at the same moment each add their own row,
@@ -194,23 +200,78 @@ def job_command(job: Job, port: int | None = None) -> list[str]:
                             master_port=port if port is not None else local_master_port(salt=job.index))
 
 
-def run_job(job: Job, in_process: bool) -> int:
-    """Run (or resume) one job; returns its exit code."""
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    if in_process and job.num_gpus <= 1:
-        from finetune.__main__ import main as finetune_main
+def banner(job: Job, total: int) -> str:
+    """The line that opens a job's output; a shared launch's output is split into the jobs' launch.log files at
+    these lines."""
+    return f"=== [{job.index + 1}/{total}] {job.name} ==="
 
-        print(f"$ python -m finetune {' '.join(job.arguments())}", flush=True)
-        return finetune_main(job.arguments())
-    command = job_command(job)
+
+def run_in_process(job: Job) -> int:
+    """Run (or resume) a one-rank job in this process; returns its exit code."""
+    from finetune.__main__ import main as finetune_main
+
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"$ python -m finetune {' '.join(job.arguments())}", flush=True)
+    return finetune_main(job.arguments())
+
+
+def run_in_ranks(jobs: list[Job], total: int) -> int:
+    """A rank of a shared launch (`--in-ranks`): run `jobs` in turn, each as `python -m finetune` would, and stop
+    at the first that fails or stops before its last step (a rank cannot tell whether its peers could go on).
+    Returns that job's exit code, 0 when all finished."""
+    from finetune.__main__ import main as finetune_main
+    from managertower import dist
+
+    dist.discover_env()
+    for job in jobs:
+        if dist.is_main():
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            print("\n" + banner(job, total), flush=True)
+        code = finetune_main(job.arguments())
+        if code != 0 or not is_complete(job.run_dir):
+            return code
+    return 0
+
+
+def launch_command(jobs_file: str, group: list[Job], rank_args: list[str]) -> list[str]:
+    """The DeepSpeed launcher's command that runs `group` (jobs of the same rank count) in one launch:
+    `--module finetune.batch JOBS RANK_ARGS --in-ranks I,J,...`."""
+    indices = ",".join(str(job.index) for job in group)
+    return launcher_command("finetune.batch", [jobs_file, *rank_args, "--in-ranks", indices], group[0].num_gpus,
+                            master_port=local_master_port(salt=group[0].index))
+
+
+def run_launch(command: list[str], group: list[Job], total: int, out_dir: Path,
+               all_jobs: list[Job]) -> tuple[int, dict[str, float]]:
+    """Run one launch of `group`, echoing its output and keeping each job's part in its RUN/launch.log (line by
+    line: readable while it runs); a job's rows are recorded as soon as the next one starts. Returns the exit
+    code and, for each job that started, when (time.time())."""
     print("$ " + " ".join(command), flush=True)
-    with open(job.run_dir / "launch.log", "a", buffering=1) as log:  # line by line: readable while it runs
-        process = subprocess.Popen(command, env=rank_env(job.num_gpus), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        for line in process.stdout:  # echo and keep the job's output
+    banners = {banner(job, total): job for job in group}
+    started: dict[str, float] = {}
+    current, log = group[0], None
+    process = subprocess.Popen(command, env=rank_env(group[0].num_gpus), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:
+            job = banners.get(line.strip())
+            if job is not None:
+                if current.name in started:
+                    write_results(all_jobs, out_dir, own=[current])
+                started[job.name] = time.time()
+                current = job
+                if log is not None:
+                    log.close()
+                    log = None
+            if log is None:
+                current.run_dir.mkdir(parents=True, exist_ok=True)
+                log = open(current.run_dir / "launch.log", "a", buffering=1)
             sys.stdout.write(line)
             log.write(line)
-        return process.wait()
+        return process.wait(), started
+    finally:
+        if log is not None:
+            log.close()
 
 
 # -------------------------------------------------------------------------------------------- results
@@ -310,6 +371,18 @@ def write_results(jobs: list[Job], out_dir: Path, own: list[Job] | None = None) 
 # ------------------------------------------------------------------------------------------------ main
 
 
+def _indices(text: str, count: int) -> list[int]:
+    """`--in-ranks I,J,...`: job indices within 0..count-1."""
+    try:
+        indices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise JobsError(f"--in-ranks {text!r}: give job indices separated by commas (e.g. 0,1,2)") from None
+    outside = [index for index in indices if not 0 <= index < count]
+    if outside:
+        raise JobsError(f"--in-ranks: {outside} outside 0..{count - 1} ({count} jobs)")
+    return indices
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --submit: at most N array tasks at once (--array=0-(n-1)%%N)")
     parser.add_argument("--num-gpus", type=int, default=None, help="ranks per job (overrides num_gpus:)")
     parser.add_argument("--subprocess", action="store_true", help="launch one-rank jobs as subprocesses too")
+    parser.add_argument("--in-ranks", metavar="I,J,...", default=None,
+                        help="run jobs I, J, ... in turn on the ranks of this launch (what the batch's own launches "
+                        "pass; see above)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("variables", nargs="*", help="NAME=VALUE: set a ${NAME} of the jobs file")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     silence_known_warnings()
@@ -338,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs, out_dir = load_jobs(args.jobs_file, args.out, variables, args.num_gpus)
         if args.array_index is not None and not 0 <= args.array_index < len(jobs):
             raise JobsError(f"--array-index {args.array_index} is outside 0..{len(jobs) - 1} ({len(jobs)} jobs)")
+        in_ranks = _indices(args.in_ranks, len(jobs)) if args.in_ranks is not None else []
     except JobsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -354,20 +432,47 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{job.index}] {job.name} ({state}, {job.num_gpus} rank{'s' if job.num_gpus > 1 else ''})\n    "
                   + " ".join(job_command(job)))
         return 0
-    failed = []
+    if args.in_ranks is not None:
+        return run_in_ranks([jobs[index] for index in in_ranks], len(jobs))
+    failed: list[str] = []
+    pending = []
     for job in chosen:
-        started = time.time()
         if is_complete(job.run_dir):
             print(f"[{job.index}] {job.name}: complete, skipped ({job.run_dir / 'summary.json'})", flush=True)
+            write_results(jobs, out_dir, own=[job])
         else:
-            print(f"\n=== [{job.index + 1}/{len(jobs)}] {job.name} ===", flush=True)
-            code = run_job(job, in_process=not args.subprocess)
-            if code != 0 or not is_complete(job.run_dir):
-                failed.append(job.name)
-                print(f"[{job.index}] {job.name}: exit code {code} after {time.time() - started:.0f} s"
-                      + ("" if code else " (stopped before its last step: run the batch again to resume)"),
-                      file=sys.stderr, flush=True)
-        write_results(jobs, out_dir, own=[job])
+            pending.append(job)
+    rank_args = ([] if args.out is None else ["--out", args.out]) \
+        + ([] if args.num_gpus is None else ["--num-gpus", str(args.num_gpus)]) + list(args.variables)
+
+    def unfinished(job: Job, code: int, since: float) -> None:
+        failed.append(job.name)
+        print(f"[{job.index}] {job.name}: exit code {code} after {time.time() - since:.0f} s"
+              + ("" if code else " (stopped before its last step: run the batch again to resume)"),
+              file=sys.stderr, flush=True)
+
+    while pending:
+        started_at = time.time()
+        first = pending[0]
+        if first.num_gpus <= 1 and not args.subprocess:
+            pending.pop(0)
+            print("\n" + banner(first, len(jobs)), flush=True)
+            code = run_in_process(first)
+            if code != 0 or not is_complete(first.run_dir):
+                unfinished(first, code, started_at)
+            write_results(jobs, out_dir, own=[first])
+            continue
+        group = list(itertools.takewhile(lambda job: job.num_gpus == first.num_gpus, pending))
+        code, started = run_launch(launch_command(args.jobs_file, group, rank_args), group, len(jobs), out_dir, jobs)
+        retry = []
+        for job in group:
+            if not is_complete(job.run_dir):
+                if job.name in started or job is first:  # the launch ends with at least `first` settled
+                    unfinished(job, code, started.get(job.name, started_at))
+                else:
+                    retry.append(job)
+            write_results(jobs, out_dir, own=[job])
+        pending = retry + pending[len(group):]
     rows = merge_results(jobs, out_dir)
     print("\n" + results_table(rows))
     print(f"\nresults: {out_dir / 'results.json'}, {out_dir / 'results.md'}")

@@ -37,18 +37,21 @@ def pytest_configure(config):
 CLUSTER_TESTS = REPO / "tests" / "cluster"
 SLOW_FOLDERS = (CLUSTER_TESTS,)
 SLOW_TESTS = {
-    # two ranks under the DeepSpeed launcher on the demo-sized world, killed and relaunched
-    "test_finetune_jobs.py": {"test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped"},
+    # two ranks under the DeepSpeed launcher on the demo-sized world: killed and relaunched; two batches
+    "test_finetune_jobs.py": {"test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped",
+                              "test_jobs_share_one_launch_with_the_figures_of_a_launch_of_their_own"},
 }
 # pytest.ini's `timeout` (900 s, set-up included) holds for every other test; a timeout guards against a hang,
 # it is no performance bound. More for the tests that wait on long set-up: the cluster tests (DeepSpeed's CPU op
 # build, up to 900 s once per session, then SLURM jobs waited on for up to 300 s each, four waits in the requeue
-# test), the killed fine-tuning job (up to 400 s to its first checkpoint, 600 s for the relaunch) and the
+# test), the killed fine-tuning job (up to 400 s to its first checkpoint, 600 s for the relaunch), the shared
+# launch (two batches of two-rank jobs) and the
 # fine-tuning accuracy test (demo_pretrained: up to 1500 s for the two-rank pre-training and 300 s for its
 # export, then five fine-tuning jobs).
 FOLDER_TIMEOUTS = {CLUSTER_TESTS: 2700}
 TEST_TIMEOUTS = {"test_finetune_jobs.py": {
     "test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped": 1800,
+    "test_jobs_share_one_launch_with_the_figures_of_a_launch_of_their_own": 1800,
     "test_finetuning_from_a_pretrained_checkpoint_reaches_the_targets": 3600}}
 
 

@@ -2,6 +2,8 @@
 
 - A job killed with SIGKILL mid-way (launcher and both gloo ranks) and relaunched through the batch runner
   continues from its checkpoint; a finished job is skipped.
+- Consecutive two-rank jobs share one launch, and a job that ran second there has the figures of a launch of its
+  own.
 - (slow) From the demo's pre-trained checkpoint (the session's `demo_pretrained` run, exported to fp32), the demo's
   fine-tuning recipes (finetune/configs/tiny_*.yaml, unchanged, on 2 ranks) reach every target on the held-out
   split: VQAv2 >= 2 x the majority-answer score, NLVR2 >= 0.65, SNLI-VE >= 0.55, Flickr30K and COCO retrieval
@@ -25,14 +27,16 @@ TASKS = ("vqav2", "nlvr2", "snli_ve", "flickr30k", "coco")
 EVAL_SPLIT = {"vqav2": "val", "nlvr2": "dev", "snli_ve": "dev", "flickr30k": "test", "coco": "test"}
 
 
-def jobs_yaml(path: Path, out: Path, shards: Path, init_from: str, tasks, num_gpus: int, overrides=()) -> Path:
+def jobs_yaml(path: Path, out: Path, shards: Path, init_from: str, tasks, num_gpus: int, overrides=(),
+              job_overrides: dict | None = None) -> Path:
     lines = [f"out: {out}", f"init_from: {init_from}", f"num_gpus: {num_gpus}", "seeds: [0]",
              f"overrides: {json.dumps(['run.progress=false', *overrides])}", "jobs:"]
     for task in tasks:
         split = EVAL_SPLIT[task]
+        own = [f"task.train_shards=[{shards}/{task}/train-*.tar]", f"task.eval_shards=[{shards}/{task}/{split}-*.tar]",
+               *(job_overrides or {}).get(task, ())]
         lines += [f"  - task: {task}", f"    config: {REPO}/finetune/configs/tiny_{task}.yaml",
-                  f"    overrides: [\"task.train_shards=[{shards}/{task}/train-*.tar]\", "
-                  f"\"task.eval_shards=[{shards}/{task}/{split}-*.tar]\"]"]
+                  f"    overrides: {json.dumps(own)}"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -82,6 +86,38 @@ def test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped(de
     assert batch.main([str(jobs)]) == 0  # in this process: the finished job is skipped, nothing starts
     assert "complete, skipped" in capsys.readouterr().out
     assert "| snli_ve | dev | accuracy |" in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ one launch
+
+
+def test_jobs_share_one_launch_with_the_figures_of_a_launch_of_their_own(demo_shards, tmp_path, capsys):
+    from finetune import batch
+
+    short = ["train.steps=4", "train.log_every=1", "checkpoint.every=4"]
+    out = tmp_path / "shared"
+    jobs = jobs_yaml(tmp_path / "shared.yaml", out, demo_shards, "none", ["snli_ve", "nlvr2"], num_gpus=RANKS,
+                     overrides=short)
+    assert batch.main([str(jobs)]) == 0
+    launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert len(launches) == 1 and launches[0].endswith("--in-ranks 0,1"), launches
+    banners = {"snli_ve": "=== [1/2] snli_ve-seed0 ===", "nlvr2": "=== [2/2] nlvr2-seed0 ==="}
+    for task, other in (("snli_ve", "nlvr2"), ("nlvr2", "snli_ve")):  # each job's part of the output in its log
+        log = (out / f"{task}-seed0" / "launch.log").read_text()
+        assert banners[task] in log and str(out / f"{task}-seed0" / "checkpoints" / "step-4") in log
+        assert banners[other] not in log
+    # nlvr2 ran second, in the processes snli_ve trained in; in a launch of its own it has the same figures
+    alone = tmp_path / "alone"
+    assert batch.main([str(jobs_yaml(tmp_path / "alone.yaml", alone, demo_shards, "none", ["nlvr2"],
+                                     num_gpus=RANKS, overrides=short))]) == 0
+    shared_rows, alone_rows = metric_rows(out / "nlvr2-seed0"), metric_rows(alone / "nlvr2-seed0")
+    assert sorted(shared_rows) == sorted(alone_rows) == [1, 2, 3, 4]
+    for step, row in alone_rows.items():
+        assert [shared_rows[step][key] for key in ("loss", "acc", "grad_norm")] == \
+            [row[key] for key in ("loss", "acc", "grad_norm")], step
+    shared_summary, alone_summary = (json.loads((folder / "nlvr2-seed0" / "summary.json").read_text())
+                                     for folder in (out, alone))
+    assert shared_summary["accuracy"] == alone_summary["accuracy"]
 
 
 # ------------------------------------------------------------------------------- from a pre-trained tower
