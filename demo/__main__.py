@@ -35,6 +35,15 @@ def launch(module: str, args: list[str], ranks: int) -> None:
     subprocess.run(command, cwd=REPO, env=rank_env(ranks), check=True)
 
 
+def in_process(module: str, main, args: list[str]) -> None:
+    """`python -m MODULE ARGS` for a door that starts no ranks itself, run in this process: the same code without
+    another interpreter importing torch and DeepSpeed (seconds of CPU each)."""
+    print(f"$ python -m {module} " + " ".join(args), flush=True)
+    code = main(args)
+    if code:
+        raise SystemExit(f"python -m {module} failed with exit status {code}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,14 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.steps={args.pretrain_steps}")
     launch("pretrain", ["--config", str(REPO / "pretrain/configs/tiny.yaml"), *overrides], args.ranks)
     export = pretrain_dir / "export" / "model_fp32.pt"
-    launch("pretrain", ["export", str(pretrain_dir), "--out", str(export)], 1)
+    from pretrain.__main__ import main as pretrain_main
+
+    in_process("pretrain", pretrain_main, ["export", str(pretrain_dir), "--out", str(export)])
     timings["pre-training"] = time.time() - t
 
     results = []
     if not args.skip_finetune:
         t = _stage("4/4 batch fine-tuning of every task")
-        launch("finetune.batch", [str(REPO / "finetune/jobs/demo.yaml"), "--out", str(out / "finetune"),
-                                  f"init_from={export}", f"shards={shards}"], 1)
+        from finetune.batch import main as batch_main
+
+        in_process("finetune.batch", batch_main, [str(REPO / "finetune/jobs/demo.yaml"), "--out",
+                                                  str(out / "finetune"), f"init_from={export}", f"shards={shards}"])
         results_file = out / "finetune" / "results.json"
         if results_file.exists():
             results = json.loads(results_file.read_text())
