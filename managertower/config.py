@@ -210,7 +210,9 @@ class TrainConfig:
     warmup: float = 0.1  # fraction of steps (< 1) or a number of steps (>= 1)
     min_lr_ratio: float = 0.0  # linear decay to lr * min_lr_ratio
     grad_clip: float = 0.0  # 0 disables
-    precision: str = "bf16"  # on GPUs; the CPU always runs fp32 (the log says so)
+    # bf16 on GPUs and on CPUs with bf16 instructions (AVX512-BF16 / AMX, Arm BF16: deepspeed_config.cpu_has_bf16);
+    # other CPUs run fp32 and the log says so. bf16 needs zero_stage >= 1 (fp32 gradient accumulation).
+    precision: str = "bf16"
     zero_stage: int = 2
     # ZeRO-Offload to host memory: "none", "optimizer" (with zero_stage 2: optimizer states and step) or "all"
     # (with zero_stage 3: optimizer and parameters). Offload steps with DeepSpeed's CPU Adam (optimizer=auto).
