@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # demo_pretrained: up to 1500 s for the two-rank run and 300 s for the export
+@pytest.mark.timeout(2400)  # demo_pretrained: up to 1500 s for the two-rank run, then its export
 def test_two_rank_pretraining_learns_itm_on_held_out_pairs(demo_pretrained):
     rows = [json.loads(line) for line in (demo_pretrained / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["eval_acc_itm"], r.get("eval_acc_itm_hard")) for r in rows if "eval_acc_itm" in r]
