@@ -162,10 +162,12 @@ AFFINE_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
 
 @functools.lru_cache(maxsize=64)
-def _affine_sampling(name: str, value: float, height: int, width: int) -> tuple[torch.Tensor, ...]:
+def _affine_sampling(name: str, value: float, height: int, width: int, device: torch.device
+                     ) -> tuple[torch.Tensor, ...]:
     """What torchvision's `_apply_op(name, value)` samples with on an H x W image (bilinear, grey fill), made once
     per op, magnitude and size (a fine-tuning run has ten of them): its affine grid, the fill's mask (the ones
-    channel torchvision appends to the image and samples along) and the fill's term (1 - mask) x fill."""
+    channel torchvision appends to the image and samples along) and the fill's term (1 - mask) x fill. Made on
+    the CPU and moved to `device`: the same sampling positions on every device."""
     from torchvision.transforms import functional as F
     from torchvision.transforms._functional_tensor import _gen_affine_grid
 
@@ -182,14 +184,14 @@ def _affine_sampling(name: str, value: float, height: int, width: int) -> tuple[
     mask = torch.nn.functional.grid_sample(torch.ones((1, 1, height, width)), grid, mode="bilinear",
                                            padding_mode="zeros", align_corners=False).expand(1, 3, height, width)
     fill = torch.tensor(RANDOM_AUGMENT_FILL, dtype=torch.float32).view(1, 3, 1, 1).expand_as(mask)
-    return grid, mask, (1.0 - mask) * fill
+    return tuple(t.to(device) for t in (grid, mask, (1.0 - mask) * fill))
 
 
 def affine_op(image: torch.Tensor, name: str, value: float) -> torch.Tensor:
     """torchvision's `_apply_op` for the shear, translate and rotate ops on a uint8 3 x H x W tensor, bit for bit
     (the same grid, bilinear sampling, mask blend, rounding), with the grid and the fill's mask made once
     (`_affine_sampling`): 3.7 ms per 384 px image on one thread with torchvision against about a third."""
-    grid, mask, fill_term = _affine_sampling(name, float(value), image.shape[-2], image.shape[-1])
+    grid, mask, fill_term = _affine_sampling(name, float(value), image.shape[-2], image.shape[-1], image.device)
     sampled = torch.nn.functional.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros",
                                               align_corners=False)
     return (sampled * mask + fill_term).round_().to(torch.uint8)[0]
