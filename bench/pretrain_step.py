@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_step import SIZES, BridgeTowerStep, make_batch  # noqa: E402
 
 from managertower.config import load_config  # noqa: E402
+from managertower.data.collate import mlm_selection  # noqa: E402
 from managertower.tasks.pretrain import PretrainTask  # noqa: E402
 
 
@@ -40,9 +41,11 @@ def pretrain_batch(size_name: str, vocab: int, seed: int = 0) -> dict:
     index = torch.arange(batch)
     negatives = torch.randperm(batch, generator=generator)[: batch // 2]
     index[negatives] = (negatives + 1) % batch
+    positions, targets = mlm_selection(base["labels"])
     return {"pixel_values": base["pixel_values"], "attention_mask": base["attention_mask"],
-            "mlm_input_ids": base["input_ids"], "mlm_labels": base["labels"], "input_ids": clean,
-            "itm_image_index": index, "itm_labels": (index == torch.arange(batch)).long()}
+            "mlm_input_ids": base["input_ids"], "mlm_labels": base["labels"], "mlm_positions": positions,
+            "mlm_targets": targets, "input_ids": clean, "itm_image_index": index,
+            "itm_labels": (index == torch.arange(batch)).long()}
 
 
 class ReleasedStep(BridgeTowerStep):
