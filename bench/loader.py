@@ -1,6 +1,6 @@
 """Image loading throughput: this project's DALI loader against the pipelines of open_clip and the released code.
 
-    python bench/loader.py                      # pre-training: 400 photo-like 512x384 JPEGs, 288 px, 2 threads / workers
+    python bench/loader.py                      # pre-training: 400 photo-like 512x384 JPEGs, 288 px, 2 threads/workers
     python bench/loader.py --mode finetune      # fine-tuning: 384 px, every example its own crop, flip, RandAugment
     python bench/loader.py --images 2000 --threads 8 --batch 64 --rounds 5
     python bench/loader.py --device cuda --images 512 --threads 8     # + DALI's GPU ("mixed") decoding

@@ -11,8 +11,8 @@ from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as F2
 from torchvision.transforms.autoaugment import _apply_op
 
-from managertower.data.augment import (AFFINE_OPS, RANDOM_AUGMENT_FILL, adjust_sharpness, affine_op, normalize,
-                                       normalize_into, random_augment, random_augment_ops, resize_image)
+from managertower.data.augment import (AFFINE_OPS, RANDOM_AUGMENT_FILL, adjust_sharpness, affine_op, equalize,
+                                       normalize, normalize_into, random_augment, random_augment_ops, resize_image)
 from managertower.data.dali import jpeg_size
 from managertower.data.workers import ImageWorkers
 
@@ -33,6 +33,12 @@ def test_sharpness_matches_torchvision_bit_for_bit():
             assert torch.equal(adjust_sharpness(image, factor), F.adjust_sharpness(image, factor))
     tiny = torch.full((3, 2, 5), 7, dtype=torch.uint8)
     assert torch.equal(adjust_sharpness(tiny, 1.36), tiny)
+
+
+def test_equalize_matches_torchvision_bit_for_bit():
+    flat = torch.full((3, 9, 9), 77, dtype=torch.uint8)  # one grey level: torchvision's step 0, left as it is
+    for image in list(_images()) + [flat, next(_images()) // 64 * 10]:
+        assert torch.equal(equalize(image), F.equalize(image))
 
 
 @pytest.mark.parametrize("name", AFFINE_OPS)
