@@ -15,6 +15,16 @@ The transforms, named after the released code's (src/transforms/transform.py), t
                  horizontal flip with p 0.5 (not for VQA: the `_wohf` variant), and ALBEF's RandomAugment(2, 7)
                  (`random_augment` below; the colour ops only in the `_wc` variant, which the released NLVR2,
                  SNLI-VE and retrieval scripts use, not VQA).
+
+RandAugment's ops are torchvision's (`_apply_op` on uint8 tensors, the semantics the released-transform tests
+pin). Four of them are computed here instead, bit for bit as torchvision computes them but at a fraction of its
+CPU time (tests/unit/data/test_augment_fast_ops.py compares them): Sharpness, Equalize and the affine ops (the
+shears, translations and rotation, whose sampling grids are made once per magnitude and size). DALI ships
+RandAugment building blocks too (nvidia.dali.auto_aug), but not these semantics (its equalize follows
+OpenCV's, its sharpness differs on the border, its random choices come from the pipeline's generator rather
+than each example's seed), and on the CPU its kernels were the slower ones (measured on one thread at 384 px:
+fn.rotate 7.5 ms, fn.warp_affine 6.7 ms, fn.saturation 4.8 ms, a RandomResizedCrop `fn.resize` 4.7 ms, against
+1.5, 1.5, 0.7 and 0.6 ms here); the loader uses DALI for reading and decoding.
 """
 from __future__ import annotations
 
