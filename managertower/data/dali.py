@@ -162,7 +162,7 @@ class DaliDecoder:
     (`workers.py`) resize with torch's uint8 bicubic kernel and normalise into rows of one N x 3 x S x S float32
     tensor: exactly torchvision's `Resize(S) + CenterCrop(S)` ("clip") or `Resize((S, S))` ("albef") on the
     decoded image, the released transforms. DALI's own CPU resampler (`fn.resize`, cubic, antialiased) was the
-    loader's largest cost: 2.0 ms of CPU per 288 px image against torch's 0.35 ms (measured here, one
+    loader's largest cost: 2.0 ms of CPU per 288 px image against torch's 0.35-0.45 ms (measured here, one
     thread each; decoding is 0.8-0.9 ms). With `whole` (fine-tuning augmentation) the whole image is kept as
     uint8, a C x H x W view of DALI's H x W x C output; every example's view is made from it in the loader.
 
