@@ -2,8 +2,8 @@
 
 - A job killed with SIGKILL mid-way (launcher and both gloo ranks) and relaunched through the batch runner
   continues from its checkpoint; a finished job is skipped.
-- Consecutive two-rank jobs share one launch, and a job that ran second there has the figures of a launch of its
-  own.
+- Consecutive two-rank jobs share one launch, and a job that runs after others there has the figures it has as the
+  first job of a launch (in fresh processes).
 - (slow) From the demo's pre-trained checkpoint (the session's `demo_pretrained` run, exported to fp32), the demo's
   fine-tuning recipes (finetune/configs/tiny_*.yaml, unchanged, on 2 ranks) reach every target on the held-out
   split: VQAv2 >= 2 x the majority-answer score, NLVR2 >= 0.65, SNLI-VE >= 0.55, Flickr30K and COCO retrieval
@@ -28,15 +28,14 @@ EVAL_SPLIT = {"vqav2": "val", "nlvr2": "dev", "snli_ve": "dev", "flickr30k": "te
 
 
 def jobs_yaml(path: Path, out: Path, shards: Path, init_from: str, tasks, num_gpus: int, overrides=(),
-              job_overrides: dict | None = None) -> Path:
+              names=None) -> Path:
     lines = [f"out: {out}", f"init_from: {init_from}", f"num_gpus: {num_gpus}", "seeds: [0]",
              f"overrides: {json.dumps(['run.progress=false', *overrides])}", "jobs:"]
-    for task in tasks:
+    for task, name in zip(tasks, names or [None] * len(tasks)):
         split = EVAL_SPLIT[task]
-        own = [f"task.train_shards=[{shards}/{task}/train-*.tar]", f"task.eval_shards=[{shards}/{task}/{split}-*.tar]",
-               *(job_overrides or {}).get(task, ())]
         lines += [f"  - task: {task}", f"    config: {REPO}/finetune/configs/tiny_{task}.yaml",
-                  f"    overrides: {json.dumps(own)}"]
+                  f"    overrides: [\"task.train_shards=[{shards}/{task}/train-*.tar]\", "
+                  f"\"task.eval_shards=[{shards}/{task}/{split}-*.tar]\"]"] + ([f"    name: {name}"] if name else [])
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -94,30 +93,27 @@ def test_killed_job_resumes_from_its_checkpoint_and_a_finished_one_is_skipped(de
 def test_jobs_share_one_launch_with_the_figures_of_a_launch_of_their_own(demo_shards, tmp_path, capsys):
     from finetune import batch
 
-    short = ["train.steps=4", "train.log_every=1", "checkpoint.every=4"]
-    out = tmp_path / "shared"
-    jobs = jobs_yaml(tmp_path / "shared.yaml", out, demo_shards, "none", ["snli_ve", "nlvr2"], num_gpus=RANKS,
-                     overrides=short)
+    out = tmp_path / "batch"
+    jobs = jobs_yaml(tmp_path / "jobs.yaml", out, demo_shards, "none", ["nlvr2", "snli_ve", "nlvr2"], num_gpus=RANKS,
+                     overrides=["train.steps=4", "train.log_every=1", "checkpoint.every=4"],
+                     names=["first", "between", "after"])
     assert batch.main([str(jobs)]) == 0
     launches = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
-    assert len(launches) == 1 and launches[0].endswith("--in-ranks 0,1"), launches
-    banners = {"snli_ve": "=== [1/2] snli_ve-seed0 ===", "nlvr2": "=== [2/2] nlvr2-seed0 ==="}
-    for task, other in (("snli_ve", "nlvr2"), ("nlvr2", "snli_ve")):  # each job's part of the output in its log
-        log = (out / f"{task}-seed0" / "launch.log").read_text()
-        assert banners[task] in log and str(out / f"{task}-seed0" / "checkpoints" / "step-4") in log
-        assert banners[other] not in log
-    # nlvr2 ran second, in the processes snli_ve trained in; in a launch of its own it has the same figures
-    alone = tmp_path / "alone"
-    assert batch.main([str(jobs_yaml(tmp_path / "alone.yaml", alone, demo_shards, "none", ["nlvr2"],
-                                     num_gpus=RANKS, overrides=short))]) == 0
-    shared_rows, alone_rows = metric_rows(out / "nlvr2-seed0"), metric_rows(alone / "nlvr2-seed0")
-    assert sorted(shared_rows) == sorted(alone_rows) == [1, 2, 3, 4]
-    for step, row in alone_rows.items():
-        assert [shared_rows[step][key] for key in ("loss", "acc", "grad_norm")] == \
+    assert len(launches) == 1 and launches[0].endswith("--in-ranks 0,1,2"), launches
+    banners = [f"=== [{n}/3] {name}-seed0 ===" for n, name in ((1, "first"), (2, "between"), (3, "after"))]
+    for name, own in zip(("first", "between", "after"), banners):  # each job's part of the output in its log
+        log = (out / f"{name}-seed0" / "launch.log").read_text()
+        assert own in log and str(out / f"{name}-seed0" / "checkpoints" / "step-4") in log
+        assert [banner for banner in banners if banner in log] == [own]
+    # `first` trained in fresh processes (as in a launch of its own), `after` in the processes `first` and then
+    # snli_ve had trained in: the same figures
+    first, after = metric_rows(out / "first-seed0"), metric_rows(out / "after-seed0")
+    assert sorted(first) == sorted(after) == [1, 2, 3, 4]
+    for step, row in first.items():
+        assert [after[step][key] for key in ("loss", "acc", "grad_norm")] == \
             [row[key] for key in ("loss", "acc", "grad_norm")], step
-    shared_summary, alone_summary = (json.loads((folder / "nlvr2-seed0" / "summary.json").read_text())
-                                     for folder in (out, alone))
-    assert shared_summary["accuracy"] == alone_summary["accuracy"]
+    summaries = [json.loads((out / f"{name}-seed0" / "summary.json").read_text()) for name in ("first", "after")]
+    assert summaries[0]["accuracy"] == summaries[1]["accuracy"]
 
 
 # ------------------------------------------------------------------------------- from a pre-trained tower
