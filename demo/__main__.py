@@ -20,7 +20,9 @@ from pathlib import Path
 
 from managertower.console import silence_known_warnings
 from managertower.io import atomic_write
-from managertower.launch import REPO, launcher_command, rank_env
+from managertower.launch import REPO, launcher_command, local_master_port, rank_env
+
+PRETRAIN_PORT_SALT = 1000  # the batch salts its launches' ports with job indices
 
 
 def _stage(title: str) -> float:
@@ -29,8 +31,9 @@ def _stage(title: str) -> float:
 
 
 def launch(module: str, args: list[str], ranks: int) -> None:
-    """`deepspeed --num_gpus RANKS --module MODULE ARGS` (plain python for one rank), from the repository."""
-    command = launcher_command(module, args, ranks)
+    """`deepspeed --num_gpus RANKS --module MODULE ARGS` (plain python for one rank), from the repository. Its
+    rendezvous port is not the one the fine-tuning batch, in this process too, gives its first launch (salt 0)."""
+    command = launcher_command(module, args, ranks, master_port=local_master_port(salt=PRETRAIN_PORT_SALT))
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, env=rank_env(ranks), check=True)
 
