@@ -195,7 +195,9 @@ def is_complete(run_dir: Path) -> bool:
 
 
 def job_command(job: Job, port: int | None = None) -> list[str]:
-    """`python -m finetune ARGS`, or the DeepSpeed launcher's command for a job of several ranks."""
+    """The command that runs this job alone (what --dry-run lists): `python -m finetune ARGS`, or the DeepSpeed
+    launcher's command for a job of several ranks. The batch itself runs consecutive jobs of several ranks in
+    shared launches (`launch_command`)."""
     return launcher_command("finetune", job.arguments(), job.num_gpus,
                             master_port=port if port is not None else local_master_port(salt=job.index))
 
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("jobs_file")
     parser.add_argument("--out", help="the batch folder (default: the jobs file's out:)")
     parser.add_argument("--array-index", type=int, default=None, help="run only job I (a SLURM array task)")
-    parser.add_argument("--dry-run", action="store_true", help="print the jobs and their commands")
+    parser.add_argument("--dry-run", action="store_true", help="print the jobs and the command that runs each alone")
     parser.add_argument("--count", action="store_true", help="print the number of jobs")
     parser.add_argument("--submit", action="store_true", help=f"sbatch --array=0-(n-1) {SBATCH_SCRIPT} JOBS")
     parser.add_argument("--sbatch-args", default="", help="with --submit: more sbatch options, one string "
