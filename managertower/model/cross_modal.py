@@ -35,10 +35,34 @@ class Attention(nn.Module):
         else:
             q = self.query(x)
             k, v = self._project(context, self.key, self.value)
-        mask = None if context_mask is None else context_mask[:, None, None, :]
-        attended = F.scaled_dot_product_attention(
-            split(q), split(k), split(v), attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = split(q), split(k), split(v)
+        if self.training and self.dropout > 0 and q.device.type == "cpu" and q.dtype == torch.float32:
+            attended = self._dropout_attention(q, k, v, context_mask)
+        else:
+            mask = None if context_mask is None else context_mask[:, None, None, :]
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                      dropout_p=self.dropout if self.training else 0.0)
         return self.out(attended.transpose(1, 2).reshape(batch, length, dim))
+
+    def _dropout_attention(self, q, k, v, context_mask):
+        """softmax(q k^T / sqrt(d) + mask) with dropout, @ v, for q, k, v B x H x L x d on the CPU in fp32.
+
+        torch's CPU kernels have no fused attention with dropout, so `scaled_dot_product_attention` falls back to
+        its math path (q and k scaled apart, a safe softmax with extra passes over the B x H x Lq x Lk scores).
+        This is that path with the scale and the mask in the score GEMM; its dropout draws the same masks (one
+        F.dropout over the probabilities). A query whose keys are all masked (an empty caption) averages them
+        instead of giving zeros."""
+        batch, heads, length, head_dim = q.shape
+        q, k, v = (t.reshape(batch * heads, -1, head_dim) for t in (q, k, v))
+        if context_mask is None:
+            bias, beta = q.new_zeros(()), 0.0
+        else:
+            bias = torch.zeros(batch, 1, 1, k.shape[1], dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~context_mask[:, None, None, :], torch.finfo(q.dtype).min)
+            bias, beta = bias.expand(batch, heads, 1, -1).reshape(batch * heads, 1, -1), 1.0
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), beta=beta, alpha=head_dim ** -0.5)
+        probs = F.dropout(torch.softmax(scores, dim=-1), self.dropout, training=True)
+        return torch.bmm(probs, v).view(batch, heads, length, head_dim)
 
     @staticmethod
     def _project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
@@ -48,7 +72,11 @@ class Attention(nn.Module):
 
 
 class CrossModalLayer(nn.Module):
-    """One modality's half of a cross-modal layer."""
+    """One modality's half of a cross-modal layer.
+
+    `first_token=True` computes the first token's output alone (B x 1 x D): its query attends to the whole stream
+    and the other modality as before, so the row equals the full layer's first row. The last layer of a fusion
+    whose caller reads only the poolers (ITM, the classifiers) needs nothing else."""
 
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, norm: type[LayerNorm], eps: float = 1e-12):
         super().__init__()
@@ -61,7 +89,8 @@ class CrossModalLayer(nn.Module):
         self.ffn_norm = norm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, x_mask, other, other_mask):
-        x = self.self_norm(x + self.drop(self.self_attn(x, x, x_mask)))
+    def forward(self, x, x_mask, other, other_mask, first_token: bool = False):
+        query = x[:, :1] if first_token else x
+        x = self.self_norm(query + self.drop(self.self_attn(query, x, x_mask)))
         x = self.cross_norm(x + self.drop(self.cross_attn(x, other, other_mask)))
         return self.ffn_norm(x + self.drop(self.ffn_out(F.gelu(self.ffn_in(x)))))

@@ -30,11 +30,14 @@ MANAGER_EPS = 1e-5
 CROSS_MODAL_EPS = 1e-12
 
 
+FUSION_OUTPUTS = ("all", "text", "cls")
+
+
 @dataclass
 class FusionOutput:
-    text: torch.Tensor  # B x Lt x D, last cross-modal layer
-    image: torch.Tensor  # B x Li x D
-    cls_feats: torch.Tensor  # B x 2D: concat of the text and image poolers
+    text: torch.Tensor  # B x Lt x D, last cross-modal layer (B x 1 x D with outputs="cls")
+    image: torch.Tensor | None  # B x Li x D (B x 1 x D with outputs="cls"; None with outputs="text")
+    cls_feats: torch.Tensor | None  # B x 2D: concat of the text and image poolers (None with outputs="text")
 
 
 class Pooler(nn.Module):
@@ -118,14 +121,24 @@ class ManagerTower(nn.Module):
             return projected
         return projected + self.image_layer_embedding(self.image_layer_ids)[None, :, None, :]
 
-    def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> FusionOutput:
-        """Cross-modal encoder over projected experts: text B x N x Lt x D (mask B x Lt), image B x N x Li x D."""
+    def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor,
+             outputs: str = "all") -> FusionOutput:
+        """Cross-modal encoder over projected experts: text B x N x Lt x D (mask B x Lt), image B x N x Li x D.
+
+        `outputs` says what the caller reads, and the last cross-modal layer computes only that (the layers below
+        feed both streams, so they run whole): "all"; "text", the text stream alone (MLM: the image stream's last
+        layer and the poolers are skipped); "cls", the poolers alone (ITM and the classifiers: the last layer
+        computes each stream's first token, whose query attends to the whole streams as before). The values read
+        are those of "all" up to float rounding. With dropout > 0 the skipped rows draw no dropout masks."""
+        if outputs not in FUSION_OUTPUTS:
+            raise ValueError(f"unknown fusion outputs {outputs!r}: one of {', '.join(FUSION_OUTPUTS)}")
         text_keep = text_mask.bool()
         meter = self.text_managers is None
         text_normed = None if meter else normalize_experts(text, MANAGER_EPS)
         image_normed = None if meter else normalize_experts(image, MANAGER_EPS)
         prev_text = prev_image = None
         text_history, image_history = [], []
+        last = len(self.text_layers) - 1
         for layer in range(len(self.text_layers)):
             if meter:
                 text_in = text[:, -1] if prev_text is None else prev_text
@@ -135,17 +148,21 @@ class ManagerTower(nn.Module):
                     ExpertInputs(text, text_normed, prev_text, prev_image, None, text_history))
                 image_in, _ = self.image_managers[layer](
                     ExpertInputs(image, image_normed, prev_image, prev_text, text_keep, image_history))
-            prev_text = self._run(self.text_layers[layer], text_in, text_keep, image_in, None)
-            prev_image = self._run(self.image_layers[layer], image_in, None, text_in, text_keep)
+            first_token = layer == last and outputs == "cls"
+            prev_text = self._run(self.text_layers[layer], text_in, text_keep, image_in, None, first_token)
+            if layer == last and outputs == "text":
+                return FusionOutput(prev_text, None, None)
+            prev_image = self._run(self.image_layers[layer], image_in, None, text_in, text_keep, first_token)
             text_history.append(prev_text)
             image_history.append(prev_image)
         cls_feats = torch.cat([self.text_pooler(prev_text), self.image_pooler(prev_image)], dim=-1)
         return FusionOutput(prev_text, prev_image, cls_feats)
 
-    def _run(self, layer, x, x_mask, other, other_mask):
+    def _run(self, layer, x, x_mask, other, other_mask, first_token: bool = False):
         if self.activation_checkpointing and self.training:
-            return torch.utils.checkpoint.checkpoint(layer, x, x_mask, other, other_mask, use_reentrant=False)
-        return layer(x, x_mask, other, other_mask)
+            return torch.utils.checkpoint.checkpoint(layer, x, x_mask, other, other_mask, first_token,
+                                                     use_reentrant=False)
+        return layer(x, x_mask, other, other_mask, first_token)
 
     def forward(self, input_ids, attention_mask, pixel_values, image_type: int = IMAGE_TYPE) -> FusionOutput:
         text = self.project_text(self.encode_text(input_ids, attention_mask))

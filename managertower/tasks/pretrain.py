@@ -2,8 +2,10 @@
 
 One vision pass per step: MLM and ITM use the same images (ITM's negatives are other images of the batch),
 so the vision expert and the image projection run once and both objectives reuse its kept layers; the text
-expert and the fusion run twice (masked text for MLM, clean text for ITM). `forward_two_pass` is the naive
-step of the released code (the vision expert run again on the ITM images) and gives the same losses.
+expert and the fusion run twice (masked text for MLM, clean text for ITM). Each fusion's last layer computes
+only what its loss reads: the text stream for MLM, the first tokens the poolers read for ITM (`ManagerTower.fuse`
+outputs). `forward_two_pass` is the naive step of the released code (the whole tower twice) and gives the same
+losses.
 """
 from __future__ import annotations
 
@@ -76,9 +78,11 @@ class PretrainTask(Task):
         mask = batch["attention_mask"]
         image_layers = model.encode_image(batch["pixel_values"].to(self.dtype))
         image = model.project_image(image_layers)
-        mlm_out = model.fuse(model.project_text(model.encode_text(batch["mlm_input_ids"], mask)), mask, image)
+        mlm_out = model.fuse(model.project_text(model.encode_text(batch["mlm_input_ids"], mask)), mask, image,
+                             outputs="text")
         text_layers = model.encode_text(batch["input_ids"], mask)
-        itm_out = model.fuse(model.project_text(text_layers), mask, image[batch["itm_image_index"]])
+        itm_image = image.index_select(0, batch["itm_image_index"])  # backward: index_add, not an accumulating index_put
+        itm_out = model.fuse(model.project_text(text_layers), mask, itm_image, outputs="cls")
         out = self._losses(mlm_out, itm_out, batch)
         if self.itc_head is not None:
             out.update(self._itc(text_layers, image_layers, batch["image_ids"]))

@@ -281,3 +281,49 @@ def test_layer_norm_backends_share_state_dict_keys_with_nn_layer_norm():
         norm.load_state_dict(plain.state_dict())
         torch.testing.assert_close(norm(x), plain(x), rtol=0, atol=0)
         plain.load_state_dict(norm.state_dict())
+
+
+def test_fusion_outputs_text_and_cls_equal_the_whole_fusion():
+    """fuse(outputs="text") (MLM) and fuse(outputs="cls") (ITM, classifiers) compute only what they return, and it
+    equals the whole fusion's; dropout on, so the first-token layer is checked in training too (shapes, finite)."""
+    torch.manual_seed(0)
+    model = ManagerTower(tiny_cfg("model.manager=aaue_fused", "model.cross_layers=3")).double().eval()
+    text = torch.randn(BATCH, model.cfg.num_experts, TEXT_LEN, model.cfg.hidden_size, dtype=torch.float64)
+    image = torch.randn(BATCH, model.cfg.num_experts, 65, model.cfg.hidden_size, dtype=torch.float64)
+    mask = make_batch()[1]
+    full = model.fuse(text, mask, image)
+    text_only, cls_only = model.fuse(text, mask, image, outputs="text"), model.fuse(text, mask, image, outputs="cls")
+    torch.testing.assert_close(text_only.text, full.text, rtol=1e-12, atol=1e-12)
+    assert text_only.image is None and text_only.cls_feats is None
+    torch.testing.assert_close(cls_only.cls_feats, full.cls_feats, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cls_only.text, full.text[:, :1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cls_only.image, full.image[:, :1], rtol=1e-12, atol=1e-12)
+    model.train()
+    assert torch.isfinite(model.fuse(text, mask, image, outputs="cls").cls_feats).all()
+    with pytest.raises(ValueError, match="unknown fusion outputs 'pooled'"):
+        model.fuse(text, mask, image, outputs="pooled")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_attention_with_dropout_draws_the_masks_of_torch_math_path(masked):
+    """Training with dropout on the CPU runs the attention written out (scale and mask in the score GEMM): the
+    same values as scaled_dot_product_attention's math path, dropout masks included (same seed)."""
+    from managertower.model.cross_modal import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(32, 4, 0.3).train()
+    x, context = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    keep = torch.tensor([[True] * 5, [True, True, True, False, False]]) if masked else None
+
+    def split(t):
+        return t.view(2, -1, 4, 8).transpose(1, 2)
+
+    torch.manual_seed(1)
+    got = attention(x, context, keep)
+    torch.manual_seed(1)
+    attended = F.scaled_dot_product_attention(
+        split(attention.query(x)), split(attention.key(context)), split(attention.value(context)),
+        attn_mask=None if keep is None else keep[:, None, None, :], dropout_p=0.3)
+    expected = attention.out(attended.transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got, attention.eval()(x, context, keep))  # dropout was on

@@ -81,3 +81,20 @@ def test_the_same_config_builds_the_same_weights():
     torch.manual_seed(456)  # whatever ran before: the task seeds itself from train.seed
     second = PretrainTask(cfg).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_training_step_draws_the_two_pass_steps_noise():
+    """In training (element noise, dropout 0 as the demo's recipe) the one-vision-pass step, whose fusions skip what
+    their losses do not read, draws the managers' noise in the two-pass step's order: the same losses."""
+    cfg = load_config(None, ["model.size=tiny", "model.dropout=0.0"])
+    torch.manual_seed(0)
+    task = PretrainTask(cfg).train()
+    batch = _batch(task, seed=2)
+    torch.manual_seed(7)
+    one = task(batch)
+    torch.manual_seed(7)
+    two = task.forward_two_pass(batch)
+    for key in ("loss", "loss_mlm", "loss_itm"):
+        torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-5)
+    torch.manual_seed(8)
+    assert not torch.equal(task(batch)["loss"], one["loss"])  # the noise is on
