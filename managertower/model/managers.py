@@ -98,9 +98,13 @@ class Manager(nn.Module):
         noise = torch.randn(shape, dtype=wide, device=logits.device) / self.num_experts
         return torch.softmax((logits.to(wide) + noise) / temperature.to(wide), dim=1).to(logits.dtype)
 
-    def element_sum(self, normed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_i w_i * LN_i(U_i) with per-element weights B x N x L x D."""
-        return (weights * self.expert_affine(normed)).sum(1)
+    def element_mix(self, logits: torch.Tensor, temperature: torch.Tensor,
+                    normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum_i w_i * LN_i(U_i), w) with w = softmax over axis 1 of (logits + eps) / tau, eps drawn per element of
+        `normed` (B x N x L x D), as one autograd step (`_ElementMix`)."""
+        wide = _at_least_fp32(logits.dtype)
+        noise = torch.randn(normed.shape, dtype=wide, device=normed.device)
+        return _ElementMix.apply(logits, noise, temperature, normed, self.expert_norm_weight, self.expert_norm_bias)
 
     def expert_affine(self, normed: torch.Tensor) -> torch.Tensor:
         """LN_i(U_i) for all i at once: B x N x L x D."""
@@ -132,28 +136,74 @@ class Manager(nn.Module):
         """(sum_i w_i * LN_i(U_i), w) from the learned logits `self.logits` (N x D or N x 1): w is N x D (N x 1), or
         B x N x L x D while training with element noise."""
         if self.element_noise:
-            weights = self.element_softmax(self.logits[None, :, None, :], self.temperature, normed.shape)
-            self.record(weights.movedim(1, -1))
-            return self.element_sum(normed, weights), weights
+            out, weights = self.element_mix(self.logits[None, :, None, :], self.temperature, normed)
+            self.record(weights, expert_dim=1)
+            return out, weights
         weights = self.noisy_softmax(self.logits, self.temperature, dim=0)
-        self.record(weights.expand(self.num_experts, self.dim).t())
+        self.record(weights.expand(self.num_experts, self.dim), expert_dim=0)
         return self.static_sum(normed, weights), weights
 
     def token_weighted(self, logits: torch.Tensor, normed: torch.Tensor, prev: torch.Tensor):
         """(sum_i w_i * LN_i(U_i) + W_C * LN(C), w) from per-token logits B x L x N: w is B x L x N, or
         B x N x L x D while training with element noise."""
         if self.element_noise:
-            weights = self.element_softmax(logits.transpose(1, 2).unsqueeze(-1), self.temperature, normed.shape)
-            self.record(weights.movedim(1, -1))
-            return self.element_sum(normed, weights) + prev, weights
+            out, weights = self.element_mix(logits.transpose(1, 2).unsqueeze(-1), self.temperature, normed)
+            self.record(weights, expert_dim=1)
+            return out + prev, weights
         weights = self.noisy_softmax(logits, self.temperature, dim=-1)
-        self.record(weights)
+        self.record(weights, expert_dim=-1)
         return self.token_sum(normed, weights) + prev, weights
 
-    def record(self, weights: torch.Tensor) -> None:
+    def record(self, weights: torch.Tensor, expert_dim: int) -> None:
+        """The mean weight of each expert over every other axis (one reduction: no copy of B x N x L x D)."""
         with torch.no_grad():
-            # weights put the expert axis last (N x D is transposed by the callers that have it first)
-            self.last_weights = weights.detach().float().reshape(-1, self.num_experts).mean(0)
+            expert_dim %= weights.dim()
+            others = [d for d in range(weights.dim()) if d != expert_dim]
+            self.last_weights = weights.detach().float().mean(dim=others)
+
+
+class _ElementMix(torch.autograd.Function):
+    """out = sum_i w_i * (normed_i * g_i + b_i) over axis 1, w = softmax over axis 1 of (logits + noise / N) / tau.
+
+    The element-noise managers' step written out: autograd over the plain expression keeps ~7 tensors of
+    B x N x L x D per manager and makes ~25 passes over them (noise, temperature, softmax, affine, product, sum);
+    this makes ~16 and keeps three (z, w and the affine inputs a). Backward with G = d out (B x 1 x L x D):
+      dA = G * w;  d normed = dA * g;  dg = sum_{B,L} dA * normed;  db = sum_{B,L} dA
+      dz = w * (G * a - sum_i w_i G a_i) = dA * (a - out)       (softmax backward: sum_i w_i a_i = out)
+      d logits = sum over the broadcast axes of dz / tau;  d tau = -sum(dz * z) / tau.
+    logits broadcast to B x N x L x D (1 x N x 1 x D static, B x N x L x 1 per token); `noise` is a fresh
+    standard-normal draw of that shape, which this overwrites. z, its softmax and d logits / d tau are in fp32 at
+    least (the manager softmax's rule), the weighted sum in the inputs' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, noise, temperature, normed, weight, bias):
+        num_experts = normed.shape[1]
+        wide = noise.dtype
+        tau = temperature.to(wide)
+        # (logits + noise / N) / tau in place: the same values as the three out-of-place steps
+        z = noise.div_(num_experts).add_(logits.to(wide)).div_(tau)
+        weights = torch.softmax(z, dim=1).to(normed.dtype)
+        affine = torch.addcmul(bias[:, None, :], normed, weight[:, None, :])
+        out = (weights * affine).sum(1)
+        ctx.save_for_backward(logits, z, tau, weights, affine, normed, weight, out)
+        ctx.temperature_dtype = temperature.dtype
+        ctx.mark_non_differentiable(weights)
+        return out, weights
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_weights):
+        logits, z, tau, weights, affine, normed, weight, out = ctx.saved_tensors
+        grad_affine = grad_out.unsqueeze(1) * weights
+        grad_normed = grad_affine * weight[:, None, :] if ctx.needs_input_grad[3] else None
+        grad_weight = (grad_affine * normed).sum((0, 2)) if ctx.needs_input_grad[4] else None
+        grad_bias = grad_affine.sum((0, 2)) if ctx.needs_input_grad[5] else None
+        grad_z = (affine - out.unsqueeze(1)).to(z.dtype).mul_(grad_affine)
+        grad_logits = grad_temperature = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = (grad_z.sum_to_size(logits.shape) / tau).to(logits.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_temperature = (-torch.dot(grad_z.flatten(), z.flatten()) / tau).to(ctx.temperature_dtype)
+        return grad_logits, None, grad_temperature, grad_normed, grad_weight, grad_bias
 
 
 class SAUEManager(Manager):
@@ -225,7 +275,7 @@ class ConcatAttentionManager(Manager):
         # the logits are already per element, so both noise kinds draw eps per element
         weights = self.noisy_softmax(self.to_logits(query), self.temperature, dim=1)  # B x N x L x D
         out = (weights * experts).sum(1) + prev
-        self.record(weights.movedim(1, -1))
+        self.record(weights, expert_dim=1)
         return out, weights
 
 

@@ -380,3 +380,26 @@ def test_manager_weights_logging():
     experts, prev, other, other_mask, _ = make_inputs()
     _, weights = run(m, experts, prev, other, other_mask)
     torch.testing.assert_close(m.last_weights, weights.reshape(-1, N).mean(0).float())
+
+
+@pytest.mark.parametrize("logits_shape", [(1, N, 1, D), (B, N, L, 1)], ids=["static", "per_token"])
+def test_element_mix_matches_autograd_of_the_plain_expression(logits_shape):
+    """The element-noise managers' hand-written forward/backward (_ElementMix) against autograd over
+    sum_i softmax_i((logits + noise / N) / tau) * (normed_i * g_i + b_i), in float64, every input's gradient."""
+    from managertower.model.managers import _ElementMix
+
+    torch.manual_seed(0)
+    leaves = [torch.randn(logits_shape), torch.tensor([0.7]), torch.randn(B, N, L, D), torch.randn(N, D),
+              torch.randn(N, D)]
+    leaves = [t.double().requires_grad_() for t in leaves]
+    noise = torch.randn(B, N, L, D, dtype=torch.float64)
+    grad_out = torch.randn(B, L, D, dtype=torch.float64)
+    logits, tau, normed, weight, bias = leaves
+    weights = torch.softmax((logits + noise / N) / tau, dim=1)
+    expected = (weights * (normed * weight[:, None] + bias[:, None])).sum(1)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+    out, got_weights = _ElementMix.apply(logits, noise.clone(), tau, normed, weight, bias)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_weights, weights.detach(), rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad_out), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
