@@ -101,3 +101,21 @@ def test_collator_deterministic_by_seed_rank_and_counter(tokenizer):
     assert not torch.equal(first["mlm_input_ids"], other_rank["mlm_input_ids"])
     assert a.state_dict() == {"batches": 2}
     assert first["itm_labels"].sum().item() == 8 and first["itm_image_index"].dtype == torch.long
+
+
+def test_mlm_positions_pick_the_labelled_tokens_on_the_host(tokenizer):
+    """The collator hands the MLM head the picked tokens' flat B x T positions and ids (computed here, on the CPU),
+    so the device never sizes a boolean mask: the head's index_select gives the rows the boolean mask picks."""
+    from managertower.model import MLMHead
+
+    batch = PretrainCollator(tokenizer, 24, seed=3)([{"text": t, "image_id": i} for i, t in enumerate(_texts(8))])
+    labels, positions, targets = batch["mlm_labels"], batch["mlm_positions"], batch["mlm_targets"]
+    picked = labels != -100
+    assert positions.dtype == torch.long and positions.dim() == 1 and len(positions) == int(picked.sum()) > 0
+    assert torch.equal(labels.flatten()[positions], targets) and torch.equal(targets, labels[picked])
+    torch.manual_seed(0)
+    head = MLMHead(16, 50)
+    hidden = torch.randn(*labels.shape, 16)
+    by_positions, _ = head(hidden, positions=positions)
+    by_mask, mask_labels = head(hidden, labels)
+    assert torch.equal(by_positions, by_mask) and torch.equal(mask_labels, targets)
