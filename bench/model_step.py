@@ -3,8 +3,12 @@
     .venv/bin/python bench/model_step.py                      # tiny and base, 5 rounds (~5 minutes on 2 cores)
     .venv/bin/python bench/model_step.py --sizes tiny --rounds 20
     .venv/bin/python bench/model_step.py --sizes base --profile   # + torch.profiler top ops of ManagerTower
+    .venv/bin/python bench/model_step.py --precision both         # fp32, then both under bf16 autocast
 
-A step is forward + backward + AdamW step, fp32 on the CPU, training mode (dropout on):
+A step is forward + backward + AdamW step on the CPU, training mode (dropout on), fp32 or (--precision bf16) under
+torch.autocast("cpu", dtype=torch.bfloat16) for both models (bf16 matrix products, fp32 weights and AdamW; our
+managers' softmax and the losses stay fp32 as in bf16 training). With both precisions the table adds
+ManagerTower bf16 / BridgeTower fp32: our step on a bf16-capable CPU against BridgeTower's default fp32 step.
   ManagerTower  aaue_fused; MLM loss on the 15% masked text tokens (our MLMHead decodes only those) +
                 ITM loss from ITMHead(cls_feats), both from one forward of the tower.
   BridgeTower   transformers.BridgeTowerForMaskedLM(labels=...) (its own MLM loss, which decodes every text
@@ -17,7 +21,7 @@ Sizes
         2 cross-modal layers of 64 (2 heads, FFN 128), N = 2; batch 8.
   base  RoBERTa-base text, ViT-B/16 vision, 6 cross-modal layers of 768, image 288, text 50; batch 2.
 BridgeTower has ~4% fewer FLOPs than ManagerTower (fused-query managers); the target is a ManagerTower step at
-most 0.8x BridgeTower's time.
+most BridgeTower's time like for like (fp32 and bf16), and a bf16 step at most 0.6x BridgeTower's fp32 one.
 """
 from __future__ import annotations
 
@@ -118,11 +122,12 @@ class BridgeTowerStep(nn.Module):
         return out.loss + F.cross_entropy(self.itm(self._pooled), batch["itm_labels"])
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> list[float]:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, bf16: bool = False) -> list[float]:
     """One step; returns the wall times (ms) of forward, backward and the optimizer step."""
     marks = [time.perf_counter()]
     optimizer.zero_grad(set_to_none=True)
-    loss = model.loss(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model.loss(batch)
     marks.append(time.perf_counter())
     loss.backward()
     marks.append(time.perf_counter())
@@ -136,7 +141,9 @@ def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, **extra)
 
 
-def bench_size(size_name: str, rounds: int, warmup: int, optimizer_kind: str, profile: bool) -> dict:
+def bench_size(size_name: str, rounds: int, warmup: int, optimizer_kind: str, profile: bool,
+               precision: str = "fp32") -> dict:
+    bf16 = precision == "bf16"
     torch.manual_seed(0)
     models = [ManagerTowerStep(size_name).train(), BridgeTowerStep(size_name).train()]
     optimizers = [make_optimizer(m, optimizer_kind) for m in models]
@@ -144,23 +151,23 @@ def bench_size(size_name: str, rounds: int, warmup: int, optimizer_kind: str, pr
     params = [sum(p.numel() for p in m.parameters()) for m in models]
     for _ in range(warmup):
         for model, optimizer in zip(models, optimizers):
-            train_step(model, optimizer, batch)
+            train_step(model, optimizer, batch, bf16)
     phases = [[], []]  # per model: one [forward, backward, optimizer] per round
     for round_index in range(rounds):
         order = (0, 1) if round_index % 2 == 0 else (1, 0)
         for i in order:
-            phases[i].append(train_step(models[i], optimizers[i], batch))
-        print(f"  [{size_name}] round {round_index + 1}/{rounds}: ManagerTower {sum(phases[0][-1]):8.1f} ms   "
+            phases[i].append(train_step(models[i], optimizers[i], batch, bf16))
+        print(f"  [{size_name} {precision}] round {round_index + 1}/{rounds}: ManagerTower {sum(phases[0][-1]):8.1f} ms   "
               f"BridgeTower {sum(phases[1][-1]):8.1f} ms", flush=True)
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         for model, optimizer in zip(models, optimizers):
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                train_step(model, optimizer, batch)
-            print(f"\n== {model.name} ({size_name}) top ops by self CPU time")
+                train_step(model, optimizer, batch, bf16)
+            print(f"\n== {model.name} ({size_name}, {precision}) top ops by self CPU time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    row = dict(size=size_name, mt_params=params[0], bt_params=params[1])
+    row = dict(size=size_name, precision=precision, mt_params=params[0], bt_params=params[1])
     for key, runs in (("mt", phases[0]), ("bt", phases[1])):
         row[f"{key}_ms"] = statistics.median(sum(r) for r in runs)
         for j, phase in enumerate(("fwd", "bwd", "opt")):
@@ -178,22 +185,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "loop"],
                         help="torch AdamW implementation, the same for both models (default: fused)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables after timing")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"],
+                        help="fp32, bf16 autocast for both models, or both one after the other (default: fp32)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for s in sizes:
         if s not in SIZES:
             parser.error(f"unknown size {s!r}: use {', '.join(SIZES)}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; "
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {' and '.join(precisions)}; "
           f"step = forward + backward + AdamW ({args.optimizer}); medians of {args.rounds} alternating rounds")
-    rows = [bench_size(s, args.rounds, args.warmup, args.optimizer, args.profile) for s in sizes]
-    print(f"\n{'size':<6}{'model':<14}{'step ms':>9}{'fwd':>9}{'bwd':>9}{'AdamW':>9}{'params':>10}")
+    rows = [bench_size(s, args.rounds, args.warmup, args.optimizer, args.profile, p) for s in sizes for p in precisions]
+    print(f"\n{'size':<6}{'prec':<6}{'model':<14}{'step ms':>9}{'fwd':>9}{'bwd':>9}{'AdamW':>9}{'params':>10}")
     for row in rows:
+        head = f"{row['size']:<6}{row['precision']:<6}"
         for key, name in (("mt", "ManagerTower"), ("bt", "BridgeTower")):
-            print(f"{row['size']:<6}{name:<14}{row[key + '_ms']:>9.1f}{row[key + '_fwd']:>9.1f}"
+            print(f"{head}{name:<14}{row[key + '_ms']:>9.1f}{row[key + '_fwd']:>9.1f}"
                   f"{row[key + '_bwd']:>9.1f}{row[key + '_opt']:>9.1f}{row[key + '_params'] / 1e6:>9.2f}M")
-        print(f"{row['size']:<6}{'MT/BT':<14}{row['ratio']:>9.3f}{row['mt_fwd'] / row['bt_fwd']:>9.3f}"
+        print(f"{head}{'MT/BT':<14}{row['ratio']:>9.3f}{row['mt_fwd'] / row['bt_fwd']:>9.3f}"
               f"{row['mt_bwd'] / row['bt_bwd']:>9.3f}{row['mt_opt'] / row['bt_opt']:>9.3f}")
+    by_key = {(row["size"], row["precision"]): row for row in rows}
+    for size in sizes:
+        if (size, "fp32") in by_key and (size, "bf16") in by_key:
+            ratio = by_key[size, "bf16"]["mt_ms"] / by_key[size, "fp32"]["bt_ms"]
+            print(f"{size:<6}{'':<6}{'MT bf16/BT fp32':<14}{ratio:>8.3f}")
     return 0
 
 
