@@ -7,6 +7,7 @@
     plan.py               this rank's part of each dataset; the sample record and its saved state
     dali.py, wds.py       the two reader/decoder backends (DALI; webdataset + PIL)
     augment.py            image geometry (resize/crop, RandomResizedCrop, flip) and RandAugment
+    workers.py            threads for the per-image work on the CPU (resize, per-example augmentation)
     loader.py             LoaderSpec -> Loader: mixing, expansion into examples, batching, exact resume
     collate.py            pre-training examples and batches (captions, MLM masking, ITM pairs)
     synthetic.py          the demo's and the tests' synthetic world (raw files in the real formats)

@@ -576,6 +576,10 @@ class Trainer:
         exact = meta.get("world_size") == self.world
         notes = list(report)
         applied, refused = resume_changes(meta.get("config") or {}, self.cfg.to_dict(), exact)
+        written, running = meta.get("precision"), effective_precision(self.cfg.train)
+        if exact and written and written != running:  # same train.precision, another machine (bf16 -> a CPU without)
+            refused.append(f"it was trained in {written} and this machine runs train.precision="
+                           f"{self.cfg.train.precision} as {running} (its optimizer files are {written}'s)")
         step = int(meta["step"])
         if self.total_steps < step:
             refused.append(f"the run would end at step {self.total_steps} (train.steps / task.epochs) but "
@@ -704,7 +708,8 @@ class Trainer:
         started = time.time()
         self.last_checkpoint = ckpt.save(
             self.engine, self.ckpt_dir, self.step,
-            meta={"samples_seen": self.samples_seen, "task": self.task.name, "config": self.cfg.to_dict()},
+            meta={"samples_seen": self.samples_seen, "task": self.task.name, "config": self.cfg.to_dict(),
+                  "precision": effective_precision(self.cfg.train)},
             rank_state={"loader": self.loader.state_dict(), "log_window": self.window.state_dict()},
             keep=self.cfg.checkpoint.keep)
         self.window.exclude(time.time() - started)
