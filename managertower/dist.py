@@ -178,10 +178,15 @@ def init(timeout_s: int = 600) -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
-    elif local_rank() == 0:
-        removed = remove_stale_shm_buffers()
-        if removed:
-            print(f"removed {len(removed)} stale DeepSpeed shared-memory buffers from /dev/shm", flush=True)
+    else:
+        # DeepSpeed's CPU shared-memory all-reduce serves only inference_all_reduce (training's collectives go
+        # through torch.distributed): not building it saves a native build on a fresh machine (25-50 s on 2
+        # cores), its load in every rank and its /dev/shm buffers (~69 MB per rank).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if local_rank() == 0:
+            removed = remove_stale_shm_buffers()
+            if removed:
+                print(f"removed {len(removed)} stale DeepSpeed shared-memory buffers from /dev/shm", flush=True)
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
