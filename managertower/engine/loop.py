@@ -83,10 +83,10 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 )
 
 
-def matmul_precision(precision: str, tf32: bool) -> str:
+def matmul_precision(precision: str, tf32: bool, on_gpu: bool) -> str:
     """The precision a run's matrix products use: bf16/fp16, or tf32 for an fp32 run on CUDA with train.tf32."""
     if precision == "fp32":
-        return "tf32" if tf32 and torch.cuda.is_available() else "fp32"
+        return "tf32" if tf32 and on_gpu else "fp32"
     return precision
 
 
@@ -533,14 +533,16 @@ class Trainer:
         self.engine.train()
 
     def _set_matmul_precision(self) -> list[str]:
-        """TF32 for an fp32 run's matrix products on CUDA (train.tf32), and the peak the MFU divides by."""
-        train = self.cfg.train
-        matmul = matmul_precision(effective_precision(train), train.tf32)
-        if torch.cuda.is_available():
+        """TF32 for an fp32 run's matrix products on CUDA (train.tf32), and the peak the MFU divides by (a GPU's,
+        or MT_PEAK_TFLOPS for any device)."""
+        train, on_gpu = self.cfg.train, self.device.type == "cuda"
+        matmul = matmul_precision(effective_precision(train), train.tf32, on_gpu)
+        if on_gpu:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = matmul == "tf32"
-        self.peak_flops, source = peak_flops(matmul)
-        if not torch.cuda.is_available() and self.peak_flops is None:
+        elif "MT_PEAK_TFLOPS" not in os.environ:
+            self.peak_flops = None
             return []
+        self.peak_flops, source = peak_flops(matmul)
         return [f"MFU against {source}" if self.peak_flops else f"no MFU in the log: {source}"]
 
     def _lock_run_folder(self) -> list[str]:

@@ -42,9 +42,10 @@ def test_a_gpu_or_precision_not_listed_gets_no_mfu_and_says_how_to_set_it(name, 
 
 
 def test_an_fp32_run_is_divided_by_the_tf32_peak_only_where_it_uses_tf32():
-    assert loop.matmul_precision("bf16", tf32=True) == "bf16"
-    assert loop.matmul_precision("fp32", tf32=False) == "fp32"
-    assert loop.matmul_precision("fp32", tf32=True) == ("tf32" if torch.cuda.is_available() else "fp32")
+    assert loop.matmul_precision("bf16", tf32=True, on_gpu=True) == "bf16"
+    assert loop.matmul_precision("fp32", tf32=False, on_gpu=True) == "fp32"
+    assert loop.matmul_precision("fp32", tf32=True, on_gpu=True) == "tf32"
+    assert loop.matmul_precision("fp32", tf32=True, on_gpu=False) == "fp32"
 
 
 class Clock:
