@@ -422,8 +422,9 @@ def _bf16_optimizer_state_dict(path: Path, files: list[Path]) -> dict | None:
     first = load_plain(files[0], allow=DEEPSPEED_GLOBALS, mmap=True)["optimizer_state_dict"]
     if "zero_stage" in first or "single_partition_of_fp32_groups" not in first:
         return None
-    slices = [load_plain(file, allow=DEEPSPEED_GLOBALS, mmap=True)["optimizer_state_dict"]
-              ["single_partition_of_fp32_groups"] for file in files]
+    slices = [first["single_partition_of_fp32_groups"]] + [
+        load_plain(file, allow=DEEPSPEED_GLOBALS, mmap=True)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+        for file in files[1:]]
     model = load_plain(path / "mp_rank_00_model_states.pt", allow=DEEPSPEED_GLOBALS)
     state = {k: v.float() if v.is_floating_point() else v for k, v in model["module"].items()}
     for group, shapes in enumerate(model["param_shapes"]):

@@ -39,6 +39,7 @@ A SLURM job stopped by `scontrol requeue` or preemption is requeued whatever the
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -322,7 +323,7 @@ class _LogWindow:
     Sums stay where the task computed them (the GPU in training) and are read back once per log line (`reduce`):
     a micro-step never waits for the device. The throughput counts only timed work: the clock starts over after
     the process's first optimizer step (start-up, JIT builds, the loader's first batches: `restart_clock`) and
-    evaluation and checkpoint time is taken out (`exclude`)."""
+    evaluation and checkpoint time is taken out (`untimed`)."""
 
     def __init__(self):
         self.reset()
@@ -339,9 +340,14 @@ class _LogWindow:
         self.samples = 0
         self.tokens: torch.Tensor | int = 0
 
-    def exclude(self, seconds: float) -> None:
-        """Time spent on other work than training steps (evaluation, checkpoints) in this window."""
-        self.excluded_s += seconds
+    @contextlib.contextmanager
+    def untimed(self):
+        """Work other than training steps (evaluation, checkpoints): its time is left out of this window's."""
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.excluded_s += time.time() - started
 
     def add(self, out: dict, micro_batch: int) -> None:
         """One micro-step's task output (`forward`'s dict): device tensors are summed on the device."""
@@ -356,7 +362,8 @@ class _LogWindow:
 
     def state_dict(self) -> dict:
         """This rank's sums so far, for the checkpoint: the first window logged after a resume then holds the
-        micro-steps before the checkpoint too, as the uninterrupted run's does (and its timed work so far)."""
+        micro-steps before the checkpoint too, as the uninterrupted run's does. (Its samples, tokens and time are
+        kept as well, though the resumed process starts the throughput clock over after its first step.)"""
         return {"sums": {k: float(v) for k, v in self.sums.items()}, "micro_steps": self.micro_steps,
                 "samples": self.samples, "tokens": int(self.tokens), "elapsed_s": self.elapsed_s()}
 
@@ -694,12 +701,10 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         ckpt.fault_point("eval", self.step)
-        started = time.time()
-        self.engine.eval()
-        with torch.no_grad():
+        with self.window.untimed(), torch.no_grad():
+            self.engine.eval()
             metrics = self.task.evaluate(self.rank, self.world, self.device)
-        self.engine.train()
-        self.window.exclude(time.time() - started)
+            self.engine.train()
         if metrics:
             self.logger.log(self.step, {f"eval_{k}": v for k, v in metrics.items()})
             self._note(f"step {self.step} eval: " +
@@ -707,14 +712,13 @@ class Trainer:
         return metrics
 
     def _save(self) -> None:
-        started = time.time()
-        self.last_checkpoint = ckpt.save(
-            self.engine, self.ckpt_dir, self.step,
-            meta={"samples_seen": self.samples_seen, "task": self.task.name, "config": self.cfg.to_dict(),
-                  "precision": effective_precision(self.cfg.train)},
-            rank_state={"loader": self.loader.state_dict(), "log_window": self.window.state_dict()},
-            keep=self.cfg.checkpoint.keep)
-        self.window.exclude(time.time() - started)
+        with self.window.untimed():
+            self.last_checkpoint = ckpt.save(
+                self.engine, self.ckpt_dir, self.step,
+                meta={"samples_seen": self.samples_seen, "task": self.task.name, "config": self.cfg.to_dict(),
+                      "precision": effective_precision(self.cfg.train)},
+                rank_state={"loader": self.loader.state_dict(), "log_window": self.window.state_dict()},
+                keep=self.cfg.checkpoint.keep)
 
     def _note(self, text: str) -> None:
         """A line in the console log (rank 0), above the progress bar."""

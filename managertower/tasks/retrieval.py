@@ -215,18 +215,18 @@ class RetrievalTask(FinetuneTask):
         k_texts = min(self.cfg.task.retrieval_topk, n_texts)
         text_top = _topk_rows(all_text_emb, all_image_emb, k_images)  # n_texts x k_images
         image_top = _topk_rows(all_image_emb, all_text_emb, k_texts)  # n_images x k_texts
-        text_top_host, image_top_host = text_top.tolist(), image_top.tolist()  # one read-back: host loops below
-        itc_metrics = metrics.retrieval_recall(text_top.cpu(), image_top.cpu(), text_to_image, prefix="itc_")
+        text_top_cpu, image_top_cpu = text_top.cpu(), image_top.cpu()  # one read-back: the host loops below
+        itc_metrics = metrics.retrieval_recall(text_top_cpu, image_top_cpu, text_to_image, prefix="itc_")
         # 5. ITM logits of the candidate pairs whose picture this rank holds; summed across ranks.
         ir_logits = torch.zeros(n_texts, k_images, 2, device=device)
         tr_logits = torch.zeros(n_images, k_texts, 2, device=device)
         mine = (owners == rank).tolist()
         pairs: dict[tuple[int, int], list] = {}
-        for t, candidates in enumerate(text_top_host):
+        for t, candidates in enumerate(text_top_cpu.tolist()):
             for g, image in enumerate(candidates):
                 if mine[image]:
                     pairs.setdefault((t, image), []).append(("ir", t, g))
-        for image, candidates in enumerate(image_top_host):
+        for image, candidates in enumerate(image_top_cpu.tolist()):
             if mine[image]:
                 for s, text in enumerate(candidates):
                     pairs.setdefault((text, image), []).append(("tr", image, s))
